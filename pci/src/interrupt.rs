@@ -1,0 +1,134 @@
+//! The seam between PCI interrupt emulation and whatever delivers
+//! interrupts: KVM irqfds and GSI routes in the VMM, a recorder in tests.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// An MSI message as the guest programmed it into an MSI capability or an
+/// MSI-X table entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MsiMessage {
+    /// Full 64-bit message address (upper half zero for 32-bit MSI).
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+}
+
+/// Errors from delivering or routing an interrupt.
+#[derive(Debug, thiserror::Error)]
+pub enum InterruptError {
+    /// The vector index is not part of the group.
+    #[error("interrupt vector {0} is out of range")]
+    InvalidVector(u16),
+    /// Signalling the interrupt failed.
+    #[error("failed to signal interrupt vector {vector}: {source}")]
+    Trigger {
+        /// The vector that was being raised.
+        vector: u16,
+        /// The underlying failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Installing or changing the route for a vector failed.
+    #[error("failed to update the route of interrupt vector {vector}: {source}")]
+    Route {
+        /// The vector whose route was being changed.
+        vector: u16,
+        /// The underlying failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The message-signalled vectors of one device function (its MSI or MSI-X
+/// vectors), as seen by the emulation that owns the guest-visible state.
+///
+/// Masking and pending bits are the emulation's business: `trigger` is only
+/// called for a vector the guest has enabled and unmasked. `update` is called
+/// whenever a vector's message or effective mask changes, so the delivery side
+/// can install, change or remove a route (for KVM: a GSI route plus an irqfd).
+pub trait MsiInterruptGroup: Send + Sync {
+    /// Delivers vector `index` to the guest now.
+    fn trigger(&self, index: u16) -> Result<(), InterruptError>;
+
+    /// The guest changed vector `index`: its message is now `msg` and it is
+    /// `masked` (vector mask, function mask or capability disabled).
+    fn update(&self, index: u16, msg: MsiMessage, masked: bool) -> Result<(), InterruptError>;
+
+    /// An eventfd that raises vector `index` when written, if the delivery
+    /// side has one (an irqfd); lets producers such as VFIO bypass the VMM.
+    fn notifier(&self, _index: u16) -> Option<&EventFd> {
+        None
+    }
+}
+
+/// One call made on a [`RecordingInterruptGroup`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptEvent {
+    /// `trigger(index)` was called.
+    Triggered(u16),
+    /// `update(index, msg, masked)` was called.
+    Updated {
+        /// Vector index.
+        index: u16,
+        /// The message passed.
+        msg: MsiMessage,
+        /// The mask state passed.
+        masked: bool,
+    },
+}
+
+/// An [`MsiInterruptGroup`] that records every call, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct RecordingInterruptGroup {
+    vectors: u16,
+    events: Mutex<Vec<InterruptEvent>>,
+}
+
+impl RecordingInterruptGroup {
+    /// A group of `vectors` vectors; calls for other indices fail.
+    pub fn new(vectors: u16) -> Self {
+        RecordingInterruptGroup {
+            vectors,
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Returns and forgets the calls recorded so far.
+    pub fn take_events(&self) -> Vec<InterruptEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Indices passed to `trigger`, in order, forgetting all recorded calls.
+    pub fn take_triggered(&self) -> Vec<u16> {
+        self.take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                InterruptEvent::Triggered(i) => Some(i),
+                InterruptEvent::Updated { .. } => None,
+            })
+            .collect()
+    }
+
+    fn record(&self, index: u16, event: InterruptEvent) -> Result<(), InterruptError> {
+        if index >= self.vectors {
+            return Err(InterruptError::InvalidVector(index));
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
+        Ok(())
+    }
+}
+
+impl MsiInterruptGroup for RecordingInterruptGroup {
+    fn trigger(&self, index: u16) -> Result<(), InterruptError> {
+        self.record(index, InterruptEvent::Triggered(index))
+    }
+
+    fn update(&self, index: u16, msg: MsiMessage, masked: bool) -> Result<(), InterruptError> {
+        self.record(index, InterruptEvent::Updated { index, msg, masked })
+    }
+}
