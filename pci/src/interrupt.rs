@@ -63,6 +63,15 @@ pub trait MsiInterruptGroup: Send + Sync {
     }
 }
 
+/// A level-triggered INTx line (an IOAPIC pin), for functions whose driver
+/// does not enable MSI or MSI-X.
+pub trait IntxInterrupt: Send + Sync {
+    /// Raises the line; it stays raised until `deassert`.
+    fn assert(&self) -> Result<(), InterruptError>;
+    /// Lowers the line.
+    fn deassert(&self) -> Result<(), InterruptError>;
+}
+
 /// One call made on a [`RecordingInterruptGroup`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InterruptEvent {

@@ -1,1 +1,29 @@
-//! placeholder
+//! virtio 1.x devices and their PCI transport.
+//!
+//! A device ([`VirtioDevice`]) knows its queues, features and
+//! configuration space and processes requests on its own worker thread; the
+//! transport ([`transport::VirtioPciDevice`]) makes it a PCI function with
+//! the virtio capabilities, common configuration, notification and ISR
+//! regions and MSI-X.
+
+mod device;
+pub mod transport;
+pub mod worker;
+
+pub use device::{
+    ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, DEVICE_ACKNOWLEDGE, DEVICE_DRIVER, DEVICE_DRIVER_OK, DEVICE_FAILED,
+    DEVICE_FEATURES_OK, DEVICE_NEEDS_RESET,
+};
+
+/// virtio device IDs (virtio 1.2 §5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Console.
+    pub const CONSOLE: u32 = 3;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+}
