@@ -75,11 +75,14 @@ impl<H: WorkerHandler> MutEventSubscriber for Subscriber<H> {
     }
 }
 
+/// What a stopped worker gives back: its handler and the queue notifiers.
+pub type StoppedWorker<H> = (H, Vec<(u16, EventFd)>);
+
 /// A running worker thread; [`stop`](DeviceWorker::stop) ends it and gives
 /// back the handler and the notifiers.
 pub struct DeviceWorker<H> {
     kill: EventFd,
-    thread: Option<JoinHandle<Option<(H, Vec<(u16, EventFd)>)>>>,
+    thread: Option<JoinHandle<Option<StoppedWorker<H>>>>,
 }
 
 impl<H: WorkerHandler> DeviceWorker<H> {
@@ -121,11 +124,11 @@ impl<H: WorkerHandler> DeviceWorker<H> {
 
     /// Stops the thread and returns the handler and notifiers, or `None` if
     /// the thread died (a bug: it is logged).
-    pub fn stop(mut self) -> Option<(H, Vec<(u16, EventFd)>)> {
+    pub fn stop(mut self) -> Option<StoppedWorker<H>> {
         self.stop_thread()
     }
 
-    fn stop_thread(&mut self) -> Option<(H, Vec<(u16, EventFd)>)> {
+    fn stop_thread(&mut self) -> Option<StoppedWorker<H>> {
         let thread = self.thread.take()?;
         if let Err(e) = self.kill.write(1) {
             log::error!("cannot signal worker to stop: {e}");
