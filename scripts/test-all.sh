@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+scripts/install-deps.sh
+
 step "formatting"
 cargo fmt --all -- --check
 
