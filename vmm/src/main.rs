@@ -1,1 +1,6 @@
-fn main() {}
+//! The `trellis` command line.
+
+fn main() {
+    eprintln!("trellis: not built yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,9 @@
+//! Trellis' virtual machine monitor: KVM, guest memory, vCPUs, interrupt
+//! routing, the devices a VM is built from, and booting a kernel.
+//!
+//! Module ownership (who builds what):
+//! - platform: `arch`, `memory`, `vcpu`, `boot`, `acpi`, `vm`;
+//! - plumbing: `config` (the CLI and its option grammar), `interrupt` (the
+//!   one owner of the KVM GSI routing table, MSI-X groups, INTx),
+//!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
+//!   relocation with ioeventfds).
