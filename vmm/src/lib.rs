@@ -7,3 +7,5 @@
 //!   one owner of the KVM GSI routing table, MSI-X groups, INTx),
 //!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
 //!   relocation with ioeventfds).
+
+pub mod interrupt;
