@@ -1,6 +1,7 @@
 //! Buses that route guest port I/O and MMIO accesses to emulated devices,
 //! and the legacy devices a PC guest expects (8250 UART, i8042 reset line).
 
+pub mod acpi_pm;
 mod bus;
 pub mod i8042;
 pub mod serial;
