@@ -1,0 +1,166 @@
+#!/bin/sh
+# /init of L1: the QEMU TCG guest (-cpu max: emulated SVM; intel-iommu) in
+# which nested KVM works. It loads kvm/vfio/tun/virtio modules, finds the
+# disks the host gave it, and then either
+#   MODE=probe  only checks the sandbox (KVM, VFIO, extra devices), or
+#   MODE=run    runs trellis to boot L2, plays L2's network peer, and prints
+#               what L2 wrote to its virtio console.
+# Results are "CHECK l1.<name> ok|fail|skip <detail>" lines (lib.sh); L2's own
+# CHECK lines pass through trellis' serial port to this console. The run ends
+# with "RIG-L1-DONE ..." and a power-off.
+#
+# Settings come from /etc/rig/run.conf (written by the host per run):
+#   MODE, PATTERN, L2_CMDLINE, TRELLIS_TIMEOUT, WATCHDOG, EXPECT_L1,
+#   VFIO_BIND, TRELLIS_EXTRA_ARGS, L1_SYNC
+export PATH=/bin:/sbin
+. /etc/rig/lib.sh
+early_mounts
+echo 1 >/proc/sys/kernel/printk
+MODE=probe WATCHDOG=280 TRELLIS_TIMEOUT=120 EXPECT_L1= VFIO_BIND= TRELLIS_EXTRA_ARGS= L1_SYNC=0
+. /etc/rig/run.conf
+start_watchdog "$WATCHDOG" L1
+echo "RIG-L1-START mode=$MODE kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+for g in virtio kvm vfio tun; do load_group l1 "$g"; done
+
+# --- KVM -------------------------------------------------------------------
+if WAIT_SECS=5 wait_for -c /dev/kvm; then
+    check l1.kvm ok "/dev/kvm present; nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null) npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
+else
+    check l1.kvm fail "no /dev/kvm ($(grep -o -m1 -w svm /proc/cpuinfo || echo 'no svm flag'))"
+fi
+
+# --- VFIO / IOMMU ------------------------------------------------------------
+check_cmd l1.vfio "/dev/vfio/vfio present" wait_for -c /dev/vfio/vfio
+ngroups=$(ls /sys/kernel/iommu_groups 2>/dev/null | wc -l)
+[ "$ngroups" -gt 0 ] && check l1.iommu ok "$ngroups IOMMU groups" ||
+    check l1.iommu fail "no IOMMU groups (intel_iommu=on missing or no -device intel-iommu?)"
+check_cmd l1.tun "/dev/net/tun present" wait_for -c /dev/net/tun
+
+# --- disks, identified by the 16-byte header the host wrote in sector 0 -----
+RW= RO= VF=
+for b in /sys/block/vd*; do
+    [ -e "$b" ] || continue
+    case $(dd if=/dev/${b##*/} bs=16 count=1 2>/dev/null | head -n1) in
+    TRELLIS-RW-DISK) RW=${b##*/} ;;
+    TRELLIS-RO-DISK) RO=${b##*/} ;;
+    TRELLIS-VF-DISK) VF=${b##*/} ;;
+    esac
+done
+
+# PCI functions by vendor:device, e.g. pci_find 0x1234 0x11e8 -> first BDF.
+pci_find() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor")" = "$1" ] && [ "$(cat "$d/device")" = "$2" ] && { echo "${d##*/}"; return; }
+    done
+}
+
+# Rebind a PCI function to vfio-pci; prints its /dev/vfio/<group>.
+vfio_bind() {
+    d=/sys/bus/pci/devices/$1
+    [ -e "$d/driver" ] && echo "$1" >"$d/driver/unbind"
+    echo vfio-pci >"$d/driver_override"
+    echo "$1" >/sys/bus/pci/drivers/vfio-pci/bind || return 1
+    g=$(basename "$(readlink "$d/iommu_group")")
+    WAIT_SECS=5 wait_for -c "/dev/vfio/$g" && echo "/dev/vfio/$g"
+}
+
+# --- the extra devices the host asked for (run.sh --with-edu/--with-vfio-blk)
+for x in $EXPECT_L1; do
+    case $x in
+    edu)
+        EDU_BDF=$(pci_find 0x1234 0x11e8)
+        [ -n "$EDU_BDF" ] && check l1.dev.edu ok "bdf=$EDU_BDF iommu_group=$(basename "$(readlink /sys/bus/pci/devices/$EDU_BDF/iommu_group)")" ||
+            check l1.dev.edu fail "no 1234:11e8 function"
+        ;;
+    vfioblk)
+        VFIOBLK_BDF=
+        [ -n "$VF" ] && VFIOBLK_BDF=$(basename "$(readlink -f /sys/block/$VF/device/..)")
+        [ -n "$VFIOBLK_BDF" ] && check l1.dev.vfioblk ok "bdf=$VFIOBLK_BDF disk=$VF" ||
+            check l1.dev.vfioblk fail "no disk with the TRELLIS-VF-DISK header"
+        ;;
+    esac
+done
+[ -n "${EDU_BDF:-}" ] && EDU_SYSFS=/sys/bus/pci/devices/$EDU_BDF
+[ -n "${VFIOBLK_BDF:-}" ] && VFIOBLK_SYSFS=/sys/bus/pci/devices/$VFIOBLK_BDF
+
+# Bind requested devices to vfio-pci (probe mode: always try the edu device,
+# proving passthrough is possible here).
+[ "$MODE" = probe ] && [ -n "${EDU_BDF:-}" ] && VFIO_BIND="$VFIO_BIND edu"
+for x in $VFIO_BIND; do
+    case $x in edu) bdf=${EDU_BDF:-} ;; vfioblk) bdf=${VFIOBLK_BDF:-} ;; *) bdf= ;; esac
+    if [ -z "$bdf" ]; then
+        check l1.vfio.bind-$x fail "device not found"
+    elif node=$(vfio_bind "$bdf" 2>/tmp/bind.err); then
+        check l1.vfio.bind-$x ok "$bdf -> vfio-pci, $node"
+    else
+        check l1.vfio.bind-$x fail "$bdf: $(cat /tmp/bind.err)"
+    fi
+done
+
+if [ "$MODE" = run ]; then
+    [ -n "$RW" ] && check l1.disk.rw ok "/dev/$RW" || check l1.disk.rw fail "no TRELLIS-RW-DISK disk"
+    [ -n "$RO" ] && check l1.disk.ro ok "/dev/$RO" || check l1.disk.ro fail "no TRELLIS-RO-DISK disk"
+
+    mkdir -p /l2
+    : >/l2/console.out
+    # The peer waits for trellis' tap, addresses it and pings L2. Its output
+    # goes to a file: L2's CHECK lines share this console while trellis runs.
+    sh /etc/rig/peer.sh l1 trellis0 169.254.100.1/16 169.254.100.2 "$TRELLIS_TIMEOUT" >/tmp/peer.log 2>&1 &
+    peer=$!
+
+    # L1's /dev/vdX are passed straight through, so L2's flushed writes reach
+    # the host's image files. TRELLIS_EXTRA_ARGS is expanded here, after the
+    # VFIO binding above, so it may use ${EDU_SYSFS} or ${VFIOBLK_SYSFS}.
+    eval "set -- $TRELLIS_EXTRA_ARGS"
+    echo "RIG-L1 starting trellis (timeout ${TRELLIS_TIMEOUT}s) at uptime=$(cut -d' ' -f1 /proc/uptime)"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    timeout -s KILL "$TRELLIS_TIMEOUT" /bin/trellis \
+        --kernel /l2/vmlinuz \
+        --initramfs /l2/initramfs.cpio.gz \
+        --cmdline "$L2_CMDLINE" \
+        --memory size=512M \
+        --cpus boot=1 \
+        --disk path=/dev/$RW \
+        --disk path=/dev/$RO,readonly=on \
+        --net tap=trellis0 \
+        --rng src=/dev/urandom \
+        --console file=/l2/console.out \
+        --serial tty \
+        "$@" 2>/tmp/trellis.err
+    rc=$?
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    echo
+    echo "RIG-L1 trellis exited rc=$rc after $(awk "BEGIN { print $t1 - $t0 }") s"
+
+    # Give the peer a moment to finish its last ping, then stop it.
+    k=0
+    while kill -0 $peer 2>/dev/null && [ $k -lt 50 ]; do usleep 100000; k=$((k + 1)); done
+    kill $peer 2>/dev/null
+    cat /tmp/peer.log
+    grep -q '^CHECK l1.net.tap' /tmp/peer.log || check l1.net.tap fail "peer script printed nothing"
+    grep -q '^CHECK l1.net.ping-l2' /tmp/peer.log || check l1.net.ping-l2 fail "peer did not get to ping L2"
+    FAIL=$((FAIL + $(grep -c '^CHECK [^ ]* fail' /tmp/peer.log)))
+    PASS=$((PASS + $(grep -c '^CHECK [^ ]* ok' /tmp/peer.log)))
+
+    case $rc in
+    0) check l1.trellis.exit ok "rc=0" ;;
+    137) check l1.trellis.exit fail "killed after ${TRELLIS_TIMEOUT}s timeout" ;;
+    *) check l1.trellis.exit fail "rc=$rc" ;;
+    esac
+    sed 's/^/TRELLIS-STDERR /' /tmp/trellis.err
+
+    echo "RIG-L1-CONSOLE-BEGIN"
+    cat /l2/console.out
+    echo
+    echo "RIG-L1-CONSOLE-END"
+    grep -qxF "RIG-HVC0 $PATTERN" /l2/console.out &&
+        check l1.console-file ok "L2's hvc0 line reached /l2/console.out" ||
+        check l1.console-file fail "'RIG-HVC0 <pattern>' not in /l2/console.out ($(wc -c </l2/console.out) bytes)"
+fi
+
+[ $FAIL -gt 0 ] && dmesg | tail -n 60 | sed 's/^/L1-DMESG /'
+echo "RIG-L1-DONE pass=$PASS fail=$FAIL uptime=$(cut -d' ' -f1 /proc/uptime)"
+# No sync by default: L2's writes must already be on the disk because trellis
+# forwarded L2's FLUSH; a sync here would hide a VMM that never flushes.
+if [ "$L1_SYNC" = 1 ]; then poweroff -f; else poweroff -f -n; fi
