@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Host side of the rig: creates the disk images before a run and judges the
+run afterwards (python3 stdlib only).
+
+  host.py mkimages DIR [--vfio-disk]
+      DIR/disk.img  64 MiB, read-write; sector 0 starts "TRELLIS-RW-DISK\\n"
+      DIR/ro.img     8 MiB, read-only;  sector 0 starts "TRELLIS-RO-DISK\\n"
+      DIR/vf.img    16 MiB (--vfio-disk), for the VFIO virtio-blk of L1
+      DIR/images.env  PATTERN=..., RW_SECTORS=..., RO_SECTORS=... (bash)
+      DIR/ro.sha256   to prove afterwards that nothing wrote the ro image
+
+  host.py verify --mode l2-direct|probe|run --dir DIR --log LOG
+                 [--console-file F] [--expect-l1 "edu vfioblk"]
+      Parses "CHECK <name> <ok|fail|skip> <detail>" lines from the serial
+      log, demands the checks the mode must produce, reads the images back,
+      prints "CHECK host.* ..." lines and a verdict; exit 0 only on PASS.
+"""
+import argparse
+import hashlib
+import os
+import re
+import secrets
+import sys
+
+MiB = 1 << 20
+RW_SIZE, RO_SIZE, VF_SIZE = 64 * MiB, 8 * MiB, 16 * MiB
+PATTERN_OFFSET = 1 * MiB          # where L2 writes the pattern (sector 2048)
+BULK_OFFSET, BULK_LEN = 2 * MiB, 4 * MiB
+
+CHECK_RE = re.compile(r"CHECK (\S+) (ok|fail|skip)(?: (.*))?$")
+
+
+def make_image(path, size, header):
+    with open(path, "wb") as f:
+        f.write(header.ljust(16, b"\n")[:16])
+        # Something recognisable but non-zero after the header, so reads of
+        # more than the header return real data too.
+        f.write(b"".join(b"trellis-rig %08x\n" % i for i in range(4096 // 21)))
+        f.truncate(size)
+
+
+def sha256_file(path, offset=0, length=None):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(MiB if left is None else min(MiB, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def mkimages(a):
+    os.makedirs(a.dir, exist_ok=True)
+    make_image(os.path.join(a.dir, "disk.img"), RW_SIZE, b"TRELLIS-RW-DISK\n")
+    make_image(os.path.join(a.dir, "ro.img"), RO_SIZE, b"TRELLIS-RO-DISK\n")
+    if a.vfio_disk:
+        make_image(os.path.join(a.dir, "vf.img"), VF_SIZE, b"TRELLIS-VF-DISK\n")
+    pattern = "TRELLIS-PATTERN-" + secrets.token_hex(8)
+    with open(os.path.join(a.dir, "ro.sha256"), "w") as f:
+        f.write(sha256_file(os.path.join(a.dir, "ro.img")) + "\n")
+    with open(os.path.join(a.dir, "images.env"), "w") as f:
+        f.write(f"PATTERN={pattern}\nRW_SECTORS={RW_SIZE // 512}\nRO_SECTORS={RO_SIZE // 512}\n")
+
+
+# Checks each mode must produce; a missing one fails the run just like a
+# failed one (a guest that dies half way prints nothing more).
+L2_REQUIRED = (
+    [f"l2.modules.{g}" for g in ("virtio", "blk", "net", "console", "rng")]
+    + ["l2.virtio.inventory"]
+    + [f"l2.virtio.{d}.{c}" for d in ("blk0", "blk1", "net0", "console0", "rng0")
+       for c in ("id", "driver", "virtio-driver", "msix", "caps")]
+    + ["l2.rng.current", "l2.rng.read", "l2.console.hvc0"]
+    + [f"l2.blk.rw.{c}" for c in ("found", "capacity", "writable", "pattern", "bulk")]
+    + [f"l2.blk.ro.{c}" for c in ("found", "capacity", "flag", "refuses-write", "intact")]
+    + [f"l2.net.{c}" for c in ("iface", "link", "ping-out", "ping-in")]
+)
+L1_REQUIRED = ([f"l1.modules.{g}" for g in ("virtio", "kvm", "vfio", "tun")]
+               + ["l1.kvm", "l1.vfio", "l1.iommu", "l1.tun"])
+L1_RUN_REQUIRED = ["l1.disk.rw", "l1.disk.ro", "l1.net.tap", "l1.net.ping-l2",
+                   "l1.trellis.exit", "l1.console-file"]
+
+
+def verify(a):
+    with open(a.log, "rb") as f:
+        lines = [l.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
+                 for l in f]
+    checks = []
+    for line in lines:
+        m = CHECK_RE.search(line)
+        if m:
+            checks.append((m.group(1), m.group(2), m.group(3) or ""))
+    host = []
+
+    def hcheck(name, ok, detail):
+        host.append((name, "ok" if ok else "fail", detail))
+
+    required = []
+    markers = []
+    if a.mode in ("l2-direct", "run"):
+        required += L2_REQUIRED
+        markers.append("RIG-L2-DONE")
+    if a.mode == "l2-direct":
+        required += ["host.net.tap", "host.net.ping-l2"]
+    if a.mode in ("probe", "run"):
+        required += L1_REQUIRED
+        markers.append("RIG-L1-DONE")
+        for x in a.expect_l1.split():
+            required.append(f"l1.dev.{x}")
+        if a.mode == "probe" and "edu" in a.expect_l1.split():
+            required.append("l1.vfio.bind-edu")
+    if a.mode == "run":
+        required += L1_RUN_REQUIRED
+
+    for m in markers:
+        hcheck(f"host.marker.{m}", any(m in l for l in lines),
+               "present" if any(m in l for l in lines) else "missing: the guest did not finish")
+    for w in [l for l in lines if "WATCHDOG fired" in l]:
+        hcheck("host.watchdog", False, w.strip())
+
+    if a.mode in ("l2-direct", "run"):
+        env = dict(l.strip().split("=", 1) for l in open(os.path.join(a.dir, "images.env")))
+        pattern = env["PATTERN"]
+        disk = os.path.join(a.dir, "disk.img")
+        with open(disk, "rb") as f:
+            f.seek(PATTERN_OFFSET)
+            got = f.read(len(pattern) + 1)
+        hcheck("host.disk.pattern", got == (pattern + "\n").encode(),
+               f"disk.img@{PATTERN_OFFSET}: {got!r}")
+        bulk = [d for n, r, d in checks if n == "l2.blk.rw.bulk" and r == "ok"]
+        m = re.search(r"sha256=([0-9a-f]{64})", bulk[0]) if bulk else None
+        if m:
+            got = sha256_file(disk, BULK_OFFSET, BULK_LEN)
+            hcheck("host.disk.bulk", got == m.group(1),
+                   f"disk.img[{BULK_OFFSET}:+{BULK_LEN}] sha256={got} (L2 wrote {m.group(1)})")
+        else:
+            hcheck("host.disk.bulk", False, "no successful l2.blk.rw.bulk to compare with")
+        want = open(os.path.join(a.dir, "ro.sha256")).read().strip()
+        got = sha256_file(os.path.join(a.dir, "ro.img"))
+        hcheck("host.disk.ro-unchanged", got == want, f"sha256={got}")
+
+        hvc = f"RIG-HVC0 {pattern}"
+        if a.mode == "l2-direct":
+            text = open(a.console_file, errors="replace").read() if a.console_file and \
+                os.path.exists(a.console_file) else ""
+            where = a.console_file
+        else:
+            # What L1 printed of trellis' console file, between its markers.
+            text, inside = [], False
+            for l in lines:
+                if "RIG-L1-CONSOLE-END" in l:
+                    inside = False
+                if inside:
+                    text.append(l)
+                if "RIG-L1-CONSOLE-BEGIN" in l:
+                    inside = True
+            text = "\n".join(text)
+            where = "L1's copy of the console file"
+        hcheck("host.console", hvc in text.splitlines(),
+               f"'RIG-HVC0 <pattern>' {'found' if hvc in text.splitlines() else 'missing'} in {where}")
+
+    for c in host:
+        print("CHECK %s %s %s" % c)
+    allc = checks + host
+    names = {n for n, _, _ in allc}
+    missing = [r for r in required if r not in names]
+    failed = [n for n, r, _ in allc if r == "fail"]
+    skipped = [n for n, r, _ in allc if r == "skip"]
+    ok = sum(1 for _, r, _ in allc if r == "ok")
+    print(f"RIG SUMMARY mode={a.mode} ok={ok} fail={len(failed)} skip={len(skipped)} "
+          f"missing={len(missing)}")
+    for n in failed:
+        print(f"RIG FAILED {n}")
+    for n in missing:
+        print(f"RIG MISSING {n}")
+    for n in skipped:
+        print(f"RIG SKIPPED {n}")
+    verdict = not failed and not missing
+    print("RIG RESULT: " + ("PASS" if verdict else "FAIL"))
+    return 0 if verdict else 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mkimages")
+    m.add_argument("dir")
+    m.add_argument("--vfio-disk", action="store_true")
+    v = sub.add_parser("verify")
+    v.add_argument("--mode", required=True, choices=["l2-direct", "probe", "run"])
+    v.add_argument("--dir", required=True)
+    v.add_argument("--log", required=True)
+    v.add_argument("--console-file")
+    v.add_argument("--expect-l1", default="")
+    a = ap.parse_args()
+    if a.cmd == "mkimages":
+        mkimages(a)
+        return 0
+    return verify(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
