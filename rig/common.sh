@@ -45,9 +45,11 @@ rig_setup() {
 }
 
 # The L2 kernel command line; rig.* parameters are read by guest/l2-init.sh.
-# quiet + loglevel keep kernel messages from splitting the CHECK lines.
+# quiet + loglevel keep kernel messages from splitting the CHECK lines;
+# reboot=k + panic=-1: if power-off fails, init's exit resets the machine
+# through the i8042, which ends the VMM (and QEMU with -no-reboot) as well.
 l2_cmdline() {
-    echo "console=ttyS0 quiet loglevel=1 panic=-1 rig.pattern=$PATTERN" \
+    echo "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 rig.pattern=$PATTERN" \
         "rig.expect=net:1,blk:2,console:1,rng:1 rig.rw_sectors=$RW_SECTORS" \
         "rig.ro_sectors=$RO_SECTORS rig.addr=169.254.100.2/16 rig.peer=169.254.100.1" \
         "rig.pingin=${1:-3}"

@@ -42,7 +42,12 @@ if [[ $DO_L2 == 1 ]]; then
     L2_CMDLINE=$(l2_cmdline 3)
     rig_log "L2 direct under QEMU TCG (timeout 300 s) ..."
     t=$(now)
-    [[ $LIVE == 1 ]] && tail -F "$WORK/l2-direct.log" 2>/dev/null &
+    : >"$WORK/l2-direct.log"
+    tailpid=
+    if [[ $LIVE == 1 ]]; then
+        tail -F "$WORK/l2-direct.log" 2>/dev/null &
+        tailpid=$!
+    fi
     # Inside a new network namespace: QEMU creates tap rigtap0 there, and the
     # peer script addresses it (169.254.100.1/16) once it appears.
     unshare --net -- bash -c '
@@ -74,10 +79,14 @@ if [[ $DO_L2 == 1 ]]; then
         exit 0
     '
     l2_time=$(elapsed "$t")
-    [[ $LIVE == 1 ]] && kill %1 2>/dev/null
+    [[ -n $tailpid ]] && { sleep 0.5; kill "$tailpid" 2>/dev/null || true; }
     cat "$WORK/peer.log" >>"$WORK/l2-direct.log"
-    echo "===== L2 direct: serial log ($WORK/l2-direct.log) ====="
-    cat "$WORK/l2-direct.log"
+    if [[ $LIVE == 1 ]]; then
+        cat "$WORK/peer.log"
+    else
+        echo "===== L2 direct: serial log ($WORK/l2-direct.log) ====="
+        cat "$WORK/l2-direct.log"
+    fi
     echo "===== L2 direct: verdict (boot to power-off: $l2_time s) ====="
     python3 "$RIG/host.py" verify --mode l2-direct --dir "$WORK" --log "$WORK/l2-direct.log" \
         --console-file "$WORK/console.out" || status=1
@@ -97,12 +106,23 @@ EOF
     rig_log "L1 probe under QEMU TCG (timeout 300 s) ..."
     t=$(now)
     # shellcheck disable=SC2046
+    : >"$WORK/l1-probe.log"
+    tailpid=
+    if [[ $LIVE == 1 ]]; then
+        tail -F "$WORK/l1-probe.log" 2>/dev/null &
+        tailpid=$!
+    fi
     rig_boot_l1 300 "$WORK/l1-probe.log" "$WORK/l1.cpio.gz" \
         -drive file="$WORK/disk.img",if=virtio,format=raw \
         $(extra_device_args edu vfioblk) || true
     l1_time=$(elapsed "$t")
-    echo "===== L1 probe: serial log ($WORK/l1-probe.log) ====="
-    cat "$WORK/l1-probe.log"
+    if [[ -n $tailpid ]]; then
+        sleep 0.5
+        kill "$tailpid" 2>/dev/null || true
+    else
+        echo "===== L1 probe: serial log ($WORK/l1-probe.log) ====="
+        cat "$WORK/l1-probe.log"
+    fi
     echo "===== L1 probe: verdict (boot to power-off: $l1_time s) ====="
     python3 "$RIG/host.py" verify --mode probe --dir "$WORK" --log "$WORK/l1-probe.log" \
         --expect-l1 "edu vfioblk" || status=1

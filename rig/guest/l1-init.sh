@@ -138,8 +138,10 @@ if [ "$MODE" = run ]; then
     while kill -0 $peer 2>/dev/null && [ $k -lt 50 ]; do usleep 100000; k=$((k + 1)); done
     kill $peer 2>/dev/null
     cat /tmp/peer.log
-    grep -q '^CHECK l1.net.tap' /tmp/peer.log || check l1.net.tap fail "peer script printed nothing"
-    grep -q '^CHECK l1.net.ping-l2' /tmp/peer.log || check l1.net.ping-l2 fail "peer did not get to ping L2"
+    grep -q '^CHECK l1.net.tap' /tmp/peer.log ||
+        check l1.net.tap fail "tap trellis0 did not appear while trellis ran"
+    grep -q '^CHECK l1.net.ping-l2' /tmp/peer.log ||
+        check l1.net.ping-l2 fail "trellis exited before L2 answered a ping"
     FAIL=$((FAIL + $(grep -c '^CHECK [^ ]* fail' /tmp/peer.log)))
     PASS=$((PASS + $(grep -c '^CHECK [^ ]* ok' /tmp/peer.log)))
 
