@@ -9,3 +9,7 @@
 //!   relocation with ioeventfds).
 
 pub mod interrupt;
+pub mod acpi;
+pub mod arch;
+pub mod boot;
+pub mod memory;
