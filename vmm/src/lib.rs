@@ -8,6 +8,7 @@
 //!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
 //!   relocation with ioeventfds).
 
+pub mod config;
 pub mod interrupt;
 pub mod acpi;
 pub mod arch;
