@@ -7,6 +7,7 @@
 //! regions and MSI-X.
 
 mod device;
+pub mod net;
 pub mod transport;
 pub mod worker;
 
