@@ -6,6 +6,7 @@
 //! the virtio capabilities, common configuration, notification and ISR
 //! regions and MSI-X.
 
+pub mod console;
 mod device;
 pub mod net;
 pub mod transport;
