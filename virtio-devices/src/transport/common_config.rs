@@ -32,11 +32,9 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use virtio_bindings::virtio_config::{
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA,
-    VIRTIO_F_NOTIF_CONFIG_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_IN_ORDER, VIRTIO_F_ORDER_PLATFORM, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
@@ -53,21 +51,27 @@ const fn bit(feature: u32) -> u64 {
     1 << feature
 }
 
-/// Transport features this transport cannot provide, whatever the device
-/// says: no IOMMU, split rings only, no notification data, no SR-IOV, no
-/// admin queues. VIRTIO_F_RING_RESET is added back when the device can
-/// reset single queues.
-const UNSUPPORTED_FEATURES: u64 = bit(VIRTIO_F_ACCESS_PLATFORM)
-    | bit(VIRTIO_F_RING_PACKED)
-    | bit(VIRTIO_F_SR_IOV)
-    | bit(VIRTIO_F_NOTIFICATION_DATA)
-    | bit(VIRTIO_F_NOTIF_CONFIG_DATA)
-    | bit(VIRTIO_F_RING_RESET)
-    | bit(VIRTIO_F_ADMIN_VQ);
+/// Feature bits 24..=49 belong to the transport and to future extensions
+/// (virtio 1.2 §6); the device's own bits are 0..=23 and 50 and up.
+const TRANSPORT_FEATURES: u64 = ((1 << 50) - 1) & !((1 << 24) - 1);
+
+/// The transport features passed through when the device offers them:
+/// ring layout options the device's queue handling implements. Everything
+/// else in the transport range is dropped: legacy-only bits, IOMMU
+/// (ACCESS_PLATFORM), packed rings, notification data, SR-IOV, admin
+/// queues. VIRTIO_F_RING_RESET is offered when the device can reset single
+/// queues, and VIRTIO_F_VERSION_1 always.
+const DEVICE_TRANSPORT_FEATURES: u64 = bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_F_IN_ORDER)
+    | bit(VIRTIO_F_ORDER_PLATFORM);
 
 /// The features offered to the driver for `device`.
 pub(crate) fn offered_features(device: &dyn VirtioDevice) -> u64 {
-    let mut features = (device.features() & !UNSUPPORTED_FEATURES) | bit(VIRTIO_F_VERSION_1);
+    let device_features = device.features();
+    let mut features = (device_features & !TRANSPORT_FEATURES)
+        | (device_features & DEVICE_TRANSPORT_FEATURES)
+        | bit(VIRTIO_F_VERSION_1);
     if device.supports_queue_reset() {
         features |= bit(VIRTIO_F_RING_RESET);
     }

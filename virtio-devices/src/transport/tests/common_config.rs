@@ -38,6 +38,24 @@ fn unsupported_transport_features_are_masked_and_ring_reset_follows_the_device()
 }
 
 #[test]
+fn only_known_transport_features_pass_through() {
+    let legacy = 1 << 24 | 1 << 27 | 1 << 30;
+    let ring = 1 << 28 | F_EVENT_IDX | 1 << 35 | 1 << 36;
+    let reserved = 1 << 34 | 1 << 37 | 1 << 38 | 1 << 39 | 1 << 41 | 1 << 45 | 1 << 49;
+    let device_bits = 0x00ff_ffff | 1 << 50 | 1 << 63;
+    let mut h = Harness::with_device(MockDevice::new(
+        1,
+        &[64],
+        legacy | ring | reserved | device_bits,
+    ));
+    let offered = u64::from(h.r32(DEVICE_FEATURE)) | {
+        h.w32(DEVICE_FEATURE_SELECT, 1);
+        u64::from(h.r32(DEVICE_FEATURE)) << 32
+    };
+    assert_eq!(offered, ring | device_bits | F_VERSION_1);
+}
+
+#[test]
 fn driver_features_are_written_in_halves_and_read_back() {
     let mut h = Harness::new();
     h.w32(DRIVER_FEATURE_SELECT, 0);
