@@ -637,10 +637,11 @@ fn real_tap_carries_frames_both_ways() {
     );
     net.activate(atomic(&mem), irq, activations).unwrap();
 
-    // Bring the link up and give the host an address, so that sending to a
-    // neighbour makes the kernel ARP for it out of the tap.
+    // Bring the link up and give the host a link-local address (the only
+    // kind this test may use), so that sending to a neighbour makes the
+    // kernel ARP for it out of the tap.
     let subnet = 100 + std::process::id() % 100;
-    let host_ip = format!("10.231.{subnet}.1/24");
+    let host_ip = format!("169.254.{subnet}.1/24");
     if !(ip(&["link", "set", "dev", &name, "up"]) && ip(&["addr", "add", &host_ip, "dev", &name])) {
         eprintln!("`ip` unavailable: checked the tap opens, not its traffic");
         return;
@@ -680,7 +681,7 @@ fn real_tap_carries_frames_both_ways() {
         kicks[rx].write(1).unwrap();
     }
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    let target = format!("10.231.{subnet}.2:9");
+    let target = format!("169.254.{subnet}.2:9");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while rings[0].used_idx() == 0 && rings[2].used_idx() == 0 {
         assert!(
