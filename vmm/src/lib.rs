@@ -9,6 +9,7 @@
 //!   relocation with ioeventfds).
 
 pub mod config;
+pub mod device_manager;
 pub mod interrupt;
 pub mod acpi;
 pub mod arch;

@@ -27,14 +27,13 @@ mod msi;
 mod routing;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io;
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use pci::MsiMessage;
@@ -44,10 +43,7 @@ pub use intx::KvmIntx;
 pub use msi::{KvmMsiInterruptGroup, VectorUpdate};
 pub use routing::{GsiRoutingTable, RouteChange};
 
-/// Number of pins of the in-kernel IOAPIC; GSIs below this are wired to it.
-pub const IOAPIC_PINS: u32 = 24;
-/// Number of pins of the two cascaded in-kernel PICs (GSIs 0-15).
-pub const PIC_PINS: u32 = 16;
+use vm_allocator::layout::IOAPIC_PINS;
 
 /// Which interrupt controller input a route drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +70,31 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
+    /// Reads an irqchip or MSI entry of KVM's table; `None` for other kinds.
+    pub fn from_kvm(e: &kvm_irq_routing_entry) -> Option<Self> {
+        let target = match e.type_ {
+            KVM_IRQ_ROUTING_IRQCHIP => {
+                // SAFETY: `type_` says `irqchip` is the member in use; the
+                // union is plain u32s, so any bit pattern is a valid value.
+                let c = unsafe { e.u.irqchip };
+                RouteTarget::Irqchip {
+                    chip: c.irqchip,
+                    pin: c.pin,
+                }
+            }
+            KVM_IRQ_ROUTING_MSI => {
+                // SAFETY: as above, with `msi` the member in use.
+                let m = unsafe { e.u.msi };
+                RouteTarget::Msi(MsiMessage {
+                    address: u64::from(m.address_hi) << 32 | u64::from(m.address_lo),
+                    data: m.data,
+                })
+            }
+            _ => return None,
+        };
+        Some(RouteEntry { gsi: e.gsi, target })
+    }
+
     /// The KVM representation of the entry.
     pub fn to_kvm(&self) -> kvm_irq_routing_entry {
         let (type_, u) = match self.target {
@@ -107,31 +128,13 @@ impl RouteEntry {
 }
 
 /// The routes KVM installs by itself when the in-kernel irqchip is
-/// created (`KVM_CREATE_IRQCHIP`): GSIs 0-15 to both the PICs and the
-/// IOAPIC, GSIs 16-23 to the IOAPIC only. A custom table must repeat them.
+/// created (`KVM_CREATE_IRQCHIP`), which a custom table must repeat; the
+/// platform's [`crate::arch::default_irqchip_routes`] is the source.
 pub fn default_irqchip_routes() -> Vec<RouteEntry> {
-    let mut routes = Vec::with_capacity((PIC_PINS + IOAPIC_PINS) as usize);
-    for gsi in 0..IOAPIC_PINS {
-        routes.push(RouteEntry {
-            gsi,
-            target: RouteTarget::Irqchip {
-                chip: KVM_IRQCHIP_IOAPIC,
-                pin: gsi,
-            },
-        });
-        if gsi < PIC_PINS {
-            let chip = if gsi < 8 {
-                KVM_IRQCHIP_PIC_MASTER
-            } else {
-                KVM_IRQCHIP_PIC_SLAVE
-            };
-            routes.push(RouteEntry {
-                gsi,
-                target: RouteTarget::Irqchip { chip, pin: gsi % 8 },
-            });
-        }
-    }
-    routes
+    crate::arch::default_irqchip_routes()
+        .iter()
+        .filter_map(RouteEntry::from_kvm)
+        .collect()
 }
 
 /// The KVM operations interrupt delivery needs. Implemented for [`VmFd`];

@@ -11,7 +11,7 @@ use super::*;
 
 /// One call made on the fake backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     SetRouting(Vec<RouteEntry>),
     Register {
         fd: RawFd,
@@ -28,15 +28,16 @@ enum Op {
     },
 }
 
+/// An [`IrqBackend`] that records calls and fails on demand.
 #[derive(Default)]
-struct FakeBackend {
+pub(crate) struct FakeBackend {
     ops: Mutex<Vec<Op>>,
-    fail_routing: AtomicBool,
-    fail_register: AtomicBool,
+    pub(crate) fail_routing: AtomicBool,
+    pub(crate) fail_register: AtomicBool,
 }
 
 impl FakeBackend {
-    fn take(&self) -> Vec<Op> {
+    pub(crate) fn take(&self) -> Vec<Op> {
         std::mem::take(&mut *self.ops.lock().unwrap())
     }
 
@@ -179,6 +180,9 @@ fn kvm_entry_encoding() {
         (m.address_lo, m.address_hi, m.data),
         (0xfee0_1000, 1, 0x4041)
     );
+    for entry in [default_irqchip_routes()[5], msi_entry(4095, msg(3))] {
+        assert_eq!(RouteEntry::from_kvm(&entry.to_kvm()), Some(entry));
+    }
     let e = default_irqchip_routes()[1].to_kvm();
     // SAFETY: default routes are irqchip entries.
     let c = unsafe { e.u.irqchip };

@@ -1,0 +1,105 @@
+//! virtio devices as PCI functions.
+
+use std::sync::{Arc, Mutex};
+
+use pci::{IntxInterrupt, MsiInterruptGroup, PciBdf};
+use virtio_devices::transport::{
+    msix_vector_count, VirtioPciDevice, VIRTIO_PCI_BAR_ALIGNMENT, VIRTIO_PCI_BAR_SIZE,
+};
+use virtio_devices::{GuestMemoryMmapAtomic, VirtioDevice};
+
+use super::{BarSetup, DeviceManager, DeviceManagerError, PciInterrupts};
+
+// The BAR is allocated with its size as alignment (natural alignment);
+// the transport asks for exactly that.
+const _: () = assert!(VIRTIO_PCI_BAR_ALIGNMENT == VIRTIO_PCI_BAR_SIZE);
+
+impl DeviceManager {
+    /// Adds `device` as a virtio-pci function in the next free slot, with
+    /// its BAR in the 64-bit window, an MSI-X vector per queue plus one,
+    /// INTA#, and an ioeventfd per queue. Returns where it went.
+    pub fn add_virtio_device(
+        &mut self,
+        id: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        memory: GuestMemoryMmapAtomic,
+    ) -> Result<PciBdf, DeviceManagerError> {
+        let bdf = self.next_free_slot()?;
+        let vectors = msix_vector_count(&*device.lock().unwrap_or_else(|e| e.into_inner()));
+        let msix = self.create_msix_group(id, usize::from(vectors))?;
+        let intx = self.create_intx(id, bdf.device())?;
+        let bar = self.allocate_bar(id, VIRTIO_PCI_BAR_SIZE)?;
+
+        let transport = VirtioPciDevice::new(
+            id.to_string(),
+            device,
+            memory,
+            msix.clone() as Arc<dyn MsiInterruptGroup>,
+            Some(intx.clone() as Arc<dyn IntxInterrupt>),
+            bar.base(),
+        );
+        let transport = match transport {
+            Ok(t) => t,
+            Err(e) => {
+                self.release(bar, &intx);
+                return Err(DeviceManagerError::Virtio {
+                    id: id.to_string(),
+                    source: e,
+                });
+            }
+        };
+        let mut ioevents = Vec::new();
+        for (addr, fd, queue) in transport.ioeventfds(bar.base()) {
+            match fd.try_clone() {
+                Ok(fd) => ioevents.push((addr - bar.base(), fd)),
+                Err(e) => {
+                    self.release(bar, &intx);
+                    return Err(DeviceManagerError::Notifier {
+                        id: id.to_string(),
+                        queue,
+                        source: e,
+                    });
+                }
+            }
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        let for_reset = transport.clone();
+        let reset = Box::new(move || {
+            for_reset.lock().unwrap_or_else(|e| e.into_inner()).reset();
+        });
+        let bars = vec![BarSetup {
+            index: 0,
+            range: bar,
+            ioevents,
+        }];
+        let interrupts = PciInterrupts {
+            msix: Some(msix),
+            intx: Some(intx.clone()),
+        };
+        if let Err(e) = self.add_pci_device(id, bdf, transport, bars, interrupts, Some(reset)) {
+            self.forget_intx(&intx);
+            return Err(e);
+        }
+        Ok(bdf)
+    }
+
+    /// Undoes the allocations of a virtio device that could not be built.
+    fn release(&mut self, bar: vm_allocator::GuestRange, intx: &Arc<super::KvmIntx>) {
+        if let Err(e) = self
+            .allocator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free(&bar)
+        {
+            log::error!("failed to free {bar}: {e}");
+        }
+        self.forget_intx(intx);
+    }
+
+    /// Drops an INTx line from the event loop's subscribers.
+    fn forget_intx(&mut self, intx: &Arc<super::KvmIntx>) {
+        let target = Arc::as_ptr(intx) as *const ();
+        self.subscribers
+            .retain(|s| Arc::as_ptr(s) as *const () != target);
+    }
+}
