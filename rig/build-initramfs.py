@@ -244,6 +244,7 @@ def main():
     notes = []
     if a.which == "l2":
         cpio.file("init", read(os.path.join(GUEST, "l2-init.sh")), 0o755)
+        cpio.file("etc/rig/virtio-pci.sh", read(os.path.join(GUEST, "virtio-pci.sh")))
         notes += add_modules(cpio, mods, L2_GROUPS)
     else:
         if not (a.vmlinuz and a.l2_initramfs and a.conf):

@@ -21,6 +21,8 @@ MODE=probe WATCHDOG=280 TRELLIS_TIMEOUT=120 EXPECT_L1= VFIO_BIND= TRELLIS_EXTRA_
 start_watchdog "$WATCHDOG" L1
 echo "RIG-L1-START mode=$MODE kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
 
+# Everything up to the verdict runs in main(), in a subshell (run_main).
+main() {
 for g in virtio kvm vfio tun; do load_group l1 "$g"; done
 
 # --- KVM -------------------------------------------------------------------
@@ -160,6 +162,9 @@ if [ "$MODE" = run ]; then
         check l1.console-file ok "L2's hvc0 line reached /l2/console.out" ||
         check l1.console-file fail "'RIG-HVC0 <pattern>' not in /l2/console.out ($(wc -c </l2/console.out) bytes)"
 fi
+
+}
+run_main l1
 
 [ $FAIL -gt 0 ] && dmesg | tail -n 60 | sed 's/^/L1-DMESG /'
 echo "RIG-L1-DONE pass=$PASS fail=$FAIL uptime=$(cut -d' ' -f1 /proc/uptime)"

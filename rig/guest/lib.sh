@@ -91,3 +91,20 @@ early_mounts() {
     mkdir -p /tmp /run
     mount -t tmpfs tmpfs /tmp
 }
+
+# run_main SCOPE: run the caller's main() in a subshell, so that a shell error
+# in a check (bad arithmetic on a value a broken device reported, say) ends
+# only the checks, not /init: the run still reports and powers off.
+run_main() {
+    rm -f /tmp/rig.counts
+    (
+        main
+        echo "$PASS $FAIL" >/tmp/rig.counts
+    )
+    _rc=$?
+    if [ -s /tmp/rig.counts ]; then
+        read PASS FAIL </tmp/rig.counts
+    else
+        check "$1.script" fail "the check script aborted (status $_rc); later checks did not run"
+    fi
+}
