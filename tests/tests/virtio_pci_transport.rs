@@ -4,57 +4,40 @@
 
 #[path = "support/echo.rs"]
 mod echo;
+#[path = "support/rig.rs"]
+mod rig;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use echo::{EchoConfig, EchoDevice, EchoStats};
-use pci::interrupt::{InterruptEvent, RecordingInterruptGroup};
-use pci::{InterruptError, IntxInterrupt, MsiMessage, PciBdf};
+use pci::interrupt::InterruptEvent;
+use pci::MsiMessage;
+use rig::{bdf, wait_for, GUEST_BAR, MEM_SIZE, TIMEOUT, VMM_BAR};
 use tests::virtio_driver::transport::{common, features, status, NO_VECTOR};
 use tests::virtio_driver::virtqueue::VIRTQ_DESC_F_NEXT;
 use tests::virtio_driver::{
-    pci as guest_pci, AddrWidth, Buffer, ConfigMechanism, DriverError, Machine, SplitQueue,
-    VirtioPciDriver,
+    pci as guest_pci, AddrWidth, Buffer, ConfigMechanism, DriverError, SplitQueue, VirtioPciDriver,
 };
-use virtio_devices::transport::{msix_vector_count, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_devices::transport::VIRTIO_PCI_BAR_SIZE;
+use vm_memory::{Bytes, GuestAddress};
 
-const MEM_SIZE: usize = 16 << 20;
-/// Where the VMM first maps the BAR.
-const VMM_BAR: u64 = 0x40_0000_0000;
-/// Where the guest assigns it.
-const GUEST_BAR: u64 = 0x80_0000_0000;
-const BDF: (u8, u8, u8) = (0, 3, 0);
-const TIMEOUT: Duration = Duration::from_secs(5);
 /// Data buffers live above the rings.
 const DATA: u64 = 0x10_0000;
 
-/// An INTx line recording its level.
-#[derive(Default)]
-struct Line(AtomicBool);
-
-impl IntxInterrupt for Line {
-    fn assert(&self) -> Result<(), InterruptError> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-    fn deassert(&self) -> Result<(), InterruptError> {
-        self.0.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-/// A machine with the echo device at 00:03.0.
+/// The transport rig with the echo device's handles.
 struct Rig {
-    machine: Machine,
-    mem: GuestMemoryMmap,
-    dev: Arc<Mutex<VirtioPciDevice>>,
-    msix: Arc<RecordingInterruptGroup>,
-    intx: Arc<Line>,
+    inner: rig::Rig,
     config: Arc<Mutex<EchoConfig>>,
     stats: Arc<EchoStats>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = rig::Rig;
+    fn deref(&self) -> &rig::Rig {
+        &self.inner
+    }
 }
 
 impl Rig {
@@ -62,35 +45,8 @@ impl Rig {
         let device = EchoDevice::new(queues, device_features, queue_reset);
         let config = device.config.clone();
         let stats = device.stats.clone();
-        let msix = Arc::new(RecordingInterruptGroup::new(msix_vector_count(&device)));
-        let intx = Arc::new(Line::default());
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let dev = VirtioPciDevice::new(
-            "echo0".into(),
-            Arc::new(Mutex::new(device)),
-            GuestMemoryAtomic::new(mem.clone()),
-            msix.clone(),
-            Some(intx.clone()),
-            VMM_BAR,
-        )
-        .unwrap();
-        let dev = Arc::new(Mutex::new(dev));
-        let machine = Machine::new();
-        machine
-            .add_function(
-                bdf(),
-                dev.clone(),
-                dev.clone(),
-                VMM_BAR,
-                VIRTIO_PCI_BAR_SIZE,
-            )
-            .unwrap();
         Rig {
-            machine,
-            mem,
-            dev,
-            msix,
-            intx,
+            inner: rig::Rig::new(device),
             config,
             stats,
         }
@@ -102,40 +58,6 @@ impl Rig {
             features::RING_EVENT_IDX | features::RING_INDIRECT_DESC,
             true,
         )
-    }
-
-    fn probe(&self, mechanism: ConfigMechanism) -> VirtioPciDriver<'_> {
-        VirtioPciDriver::probe(&self.machine, mechanism, bdf(), GUEST_BAR).unwrap()
-    }
-
-    fn intx(&self) -> bool {
-        self.intx.0.load(Ordering::SeqCst)
-    }
-
-    /// Waits for the MSI-X vectors triggered so far to include `expect`.
-    fn wait_triggered(&self, expect: &[u16]) -> Vec<u16> {
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + TIMEOUT;
-        while Instant::now() < deadline {
-            seen.extend(self.msix.take_triggered());
-            if expect.iter().all(|v| seen.contains(v)) {
-                return seen;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        panic!("vectors {expect:?} not triggered, saw {seen:?}");
-    }
-}
-
-fn bdf() -> PciBdf {
-    PciBdf::new(BDF.0, BDF.1, BDF.2)
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
