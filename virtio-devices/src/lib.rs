@@ -6,9 +6,11 @@
 //! the virtio capabilities, common configuration, notification and ISR
 //! regions and MSI-X.
 
+pub mod block;
 pub mod console;
 mod device;
 pub mod net;
+pub mod rng;
 pub mod transport;
 pub mod worker;
 
