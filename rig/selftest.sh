@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Validates the rig itself, without trellis:
 #
+#  0. test-guest-pci.py: the capability-chain check against synthetic
+#     configuration spaces (well-formed and broken), no VM.
 #  1. L2 direct: boots the L2 kernel + initramfs under QEMU TCG on the host,
 #     with QEMU's own virtio-pci devices (modern only: disable-legacy=on) as a
 #     known-good reference: two virtio-blk, virtio-net, virtio-rng and a
@@ -29,8 +31,12 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-rig_setup --vfio-disk
 status=0
+# The capability-chain parser against synthetic config spaces: fast, no VM.
+python3 "$RIG/test-guest-pci.py" | tail -n 1
+python3 "$RIG/test-guest-pci.py" >/dev/null || status=1
+
+rig_setup --vfio-disk
 
 if [[ $DO_L2 == 1 ]]; then
     # busybox's ip and ping for the peer script (the host may have no ping).
