@@ -248,14 +248,19 @@ impl PciConfiguration {
         offset: u64,
         data: &[u8],
     ) -> Vec<BarReprogrammingParams> {
-        let offset = offset as usize;
-        if reg_idx >= self.size / 4 || data.is_empty() || offset + data.len() > 4 {
+        let in_dword = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(data.len()))
+            .is_some_and(|end| end <= 4);
+        if reg_idx >= self.size / 4 || data.is_empty() || !in_dword {
             log::debug!(
                 "ignoring config write of {} bytes at register {reg_idx} offset {offset}",
                 data.len()
             );
             return Vec::new();
         }
+        // In range: checked above.
+        let offset = offset as usize;
         let lanes = byte_lane_mask(offset, data.len());
         let mut value = 0u32;
         for (i, byte) in data.iter().enumerate() {

@@ -144,6 +144,8 @@ fn out_of_range_and_overlong_accesses_are_harmless() {
     );
     assert!(config.write_reg(1, 0, &[1, 2, 3, 4, 5]).is_empty());
     assert!(config.write_reg(1, 0, &[]).is_empty());
+    assert!(config.write_reg(1, u64::MAX, &[1]).is_empty());
+    assert!(config.write_reg(1, u64::MAX - 1, &[1, 2, 3]).is_empty());
     assert_eq!(config.command(), 0);
     let mut bytes = [0u8; 4];
     config.read_bytes(254, &mut bytes);
