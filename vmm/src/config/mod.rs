@@ -22,7 +22,8 @@ use clap::error::ErrorKind;
 use clap::{ArgAction, Parser};
 
 use options::{check_id, check_ifname, parse_switch, OptionList};
-pub use options::{parse_size, HostPciAddress, MacAddr};
+pub use options::{parse_mac, parse_size, HostPciAddress};
+pub use virtio_devices::net::MacAddr;
 
 /// Smallest guest RAM accepted.
 pub const MIN_MEMORY: u64 = 64 << 20;
@@ -148,8 +149,9 @@ pub struct DiskConfig {
 pub struct NetConfig {
     /// The host tap interface; created if no interface has that name.
     pub tap: String,
-    /// The guest's MAC address; a stable local one unless given.
-    pub mac: MacAddr,
+    /// The guest's MAC address; a random locally administered one unless
+    /// given.
+    pub mac: Option<MacAddr>,
     /// Device ID; `netN` unless given.
     pub id: String,
 }
@@ -517,10 +519,9 @@ fn parse_net(index: usize, s: &str) -> Result<NetConfig, ConfigError> {
         value: tap.to_string(),
         reason,
     })?;
-    let default_mac = MacAddr::local(u8::try_from(index).unwrap_or(u8::MAX));
     Ok(NetConfig {
         tap,
-        mac: opts.get_with("mac", str::parse)?.unwrap_or(default_mac),
+        mac: opts.get_with("mac", parse_mac)?,
         id: parse_id(&opts, "net", index)?,
     })
 }

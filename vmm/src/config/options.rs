@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use virtio_devices::net::{MacAddr, MacParseError};
+
 use super::ConfigError;
 
 /// The parsed `key=value` pairs of one option value, checked against the
@@ -178,59 +180,13 @@ pub fn check_ifname(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// An Ethernet MAC address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// Whether the address is a valid unicast station address (not
-    /// multicast/broadcast, not all zero).
-    pub fn is_unicast(&self) -> bool {
-        self.0[0] & 1 == 0 && self.0 != [0; 6]
+/// Parses a guest MAC address: six hex bytes, unicast, not all zero.
+pub fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    let mac: MacAddr = s.parse().map_err(|e: MacParseError| e.to_string())?;
+    if mac.is_multicast() || mac.bytes() == [0; 6] {
+        return Err("not a unicast address (multicast bit set, or all zero)".to_string());
     }
-
-    /// A locally administered unicast address for the `n`th NIC, stable
-    /// across runs so the guest keeps its interface names.
-    pub fn local(n: u8) -> Self {
-        // 0x52: locally administered bit set, multicast bit clear.
-        MacAddr([0x52, 0x54, 0x00, 0x74, 0x72, n])
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || "expected six hex bytes like 52:54:00:12:34:56".to_string();
-        let mut bytes = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut bytes {
-            let part = parts.next().ok_or_else(bad)?;
-            if part.len() != 2 {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        let mac = MacAddr(bytes);
-        if !mac.is_unicast() {
-            return Err("not a unicast address (multicast bit set, or all zero)".to_string());
-        }
-        Ok(mac)
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
+    Ok(mac)
 }
 
 /// A host PCI function address, `DDDD:BB:DD.F`.

@@ -146,6 +146,18 @@ pub enum DeviceManagerError {
         #[source]
         source: io::Error,
     },
+    /// A virtio device could not be created (tap, output file...).
+    #[error("cannot create {id}")]
+    Device {
+        /// The device ID.
+        id: String,
+        /// The device's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A device kind this build does not have yet.
+    #[error("{0}")]
+    Unavailable(&'static str),
     /// `--device` was given.
     #[error("VFIO passthrough is not supported yet (--device path={0})")]
     VfioUnsupported(String),

@@ -437,6 +437,48 @@ fn vfio_is_refused_clearly() {
     );
 }
 
+fn parse(args: &[&str]) -> VmConfig {
+    let mut all = vec![
+        "trellis".to_string(),
+        "--kernel".to_string(),
+        "/k".to_string(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    VmConfig::parse(&all).unwrap()
+}
+
+#[test]
+fn devices_from_the_configuration() {
+    let mut r = rig();
+    let path = std::env::temp_dir().join(format!("trellis-console-{}", std::process::id()));
+    let console = format!("file={}", path.display());
+    let config = parse(&["--console", &console]);
+    r.dm.create_devices(&config, guest_memory()).unwrap();
+    let topology = r.dm.topology();
+    assert_eq!(topology.len(), 2);
+    assert_eq!(
+        (topology[1].id.as_str(), topology[1].device_id),
+        ("console", 0x1043)
+    );
+    assert!(path.exists());
+    std::fs::remove_file(&path).unwrap();
+
+    // VFIO is refused before anything is created.
+    let mut r = rig();
+    let config = parse(&[
+        "--console",
+        &console,
+        "--device",
+        "path=/sys/bus/pci/devices/0000:00:1f.0",
+    ]);
+    assert!(matches!(
+        r.dm.create_devices(&config, guest_memory()),
+        Err(DeviceManagerError::VfioUnsupported(_))
+    ));
+    assert_eq!(r.dm.topology().len(), 1);
+    assert!(!path.exists());
+}
+
 /// Waits until `fd` (an eventfd) has a count, for at most two seconds.
 fn wait_for(fd: RawFd) -> u64 {
     // SAFETY: `fd` stays open for the caller's whole test; the borrowed

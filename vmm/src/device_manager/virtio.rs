@@ -3,18 +3,71 @@
 use std::sync::{Arc, Mutex};
 
 use pci::{IntxInterrupt, MsiInterruptGroup, PciBdf};
+use virtio_devices::console::{Console, ConsoleInput};
+use virtio_devices::net::{Net, NetConfig as NetDeviceConfig};
 use virtio_devices::transport::{
     msix_vector_count, VirtioPciDevice, VIRTIO_PCI_BAR_ALIGNMENT, VIRTIO_PCI_BAR_SIZE,
 };
 use virtio_devices::{GuestMemoryMmapAtomic, VirtioDevice};
 
 use super::{BarSetup, DeviceManager, DeviceManagerError, PciInterrupts};
+use crate::config::{OutputMode, VmConfig};
+
+/// Wraps a device constructor's error.
+fn device_error(
+    id: &str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> DeviceManagerError {
+    DeviceManagerError::Device {
+        id: id.to_string(),
+        source: Box::new(source),
+    }
+}
 
 // The BAR is allocated with its size as alignment (natural alignment);
 // the transport asks for exactly that.
 const _: () = assert!(VIRTIO_PCI_BAR_ALIGNMENT == VIRTIO_PCI_BAR_SIZE);
 
 impl DeviceManager {
+    /// Creates the devices `config` asks for and adds them to the PCI bus,
+    /// in command line order by kind: disks, NICs, rng, console. Refuses
+    /// VFIO devices (not implemented yet) before creating anything.
+    pub fn create_devices(
+        &mut self,
+        config: &VmConfig,
+        memory: GuestMemoryMmapAtomic,
+    ) -> Result<(), DeviceManagerError> {
+        self.check_vfio(config)?;
+        if !config.disks.is_empty() || config.rng.is_some() {
+            return Err(DeviceManagerError::Unavailable(
+                "virtio-blk and virtio-rng are not in this build yet",
+            ));
+        }
+        for net in &config.nets {
+            let device = Net::new(NetDeviceConfig {
+                tap_name: net.tap.clone(),
+                mac: net.mac,
+                ..Default::default()
+            })
+            .map_err(|e| device_error(&net.id, e))?;
+            self.add_virtio_device(&net.id, Arc::new(Mutex::new(device)), memory.clone())?;
+        }
+        let console = match &config.console {
+            OutputMode::Off => None,
+            OutputMode::Tty => {
+                let input = ConsoleInput::stdin().map_err(|e| device_error("console", e))?;
+                Some(Console::with_stdout(Some(input)))
+            }
+            OutputMode::File(path) => Some(
+                Console::with_file_output(path, None).map_err(|e| device_error("console", e))?,
+            ),
+        };
+        if let Some(console) = console {
+            self.add_virtio_device("console", Arc::new(Mutex::new(console)), memory)?;
+        }
+        Ok(())
+    }
+
     /// Adds `device` as a virtio-pci function in the next free slot, with
     /// its BAR in the 64-bit window, an MSI-X vector per queue plus one,
     /// INTA#, and an ioeventfd per queue. Returns where it went.
