@@ -170,7 +170,8 @@ impl KvmMsiInterruptGroup {
             let vector = wanted.first().map_or(0, |u| u.index);
             return Err(InterruptError::Route {
                 vector,
-                source: std::io::Error::other(error_chain(&e)),
+                // Keeps the IrqError, and its cause, as the source chain.
+                source: std::io::Error::other(e),
             });
         }
         for u in &wanted {
@@ -258,16 +259,4 @@ impl Drop for KvmMsiInterruptGroup {
 
 fn lock(allocator: &Mutex<SystemAllocator>) -> MutexGuard<'_, SystemAllocator> {
     allocator.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `e` and its sources joined by ": ", for wrapping into an `io::Error`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

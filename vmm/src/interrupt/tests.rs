@@ -326,6 +326,15 @@ fn failed_push_changes_nothing_and_is_retried() {
     r.backend.fail_routing.store(true, Ordering::SeqCst);
     let err = g.update(0, msg(0), false).unwrap_err();
     assert!(matches!(err, InterruptError::Route { vector: 0, .. }));
+    let cause = std::error::Error::source(&err).unwrap();
+    assert_eq!(
+        cause.to_string(),
+        "failed to set the GSI routing table (41 routes)"
+    );
+    assert!(
+        cause.source().is_some(),
+        "the ioctl error stays in the chain"
+    );
     assert!(r.backend.take().is_empty(), "no irqfd without a route");
     assert!(r.table.msi_routes().is_empty());
     r.backend.fail_routing.store(false, Ordering::SeqCst);
