@@ -155,9 +155,6 @@ pub enum DeviceManagerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A device kind this build does not have yet.
-    #[error("{0}")]
-    Unavailable(&'static str),
     /// `--device` was given.
     #[error("VFIO passthrough is not supported yet (--device path={0})")]
     VfioUnsupported(String),
@@ -322,6 +319,18 @@ impl DeviceManager {
     /// The BAR mappings.
     pub fn relocator(&self) -> &Arc<PciBarRelocator> {
         &self.relocator
+    }
+
+    /// The PCI host bridge as ACPI describes it (DSDT `_CRS`, MCFG): ECAM
+    /// for bus 0 and the allocator's two MMIO windows.
+    pub fn pci_host_info(&self) -> crate::acpi::PciHostInfo {
+        let allocator = self.lock_allocator();
+        crate::acpi::PciHostInfo {
+            ecam_base: layout::PCI_ECAM_START,
+            last_bus: 0,
+            mmio32: allocator.window(AddressSpace::Mmio32),
+            mmio64: allocator.window(AddressSpace::Mmio64),
+        }
     }
 
     /// The serial port, if there is one.

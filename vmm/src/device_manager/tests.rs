@@ -229,6 +229,10 @@ fn pci_root_answers_on_both_mechanisms() {
     let last = layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE - 4;
     r.dm.mmio_bus().read(last, &mut data).unwrap();
     assert_eq!(u32::from_le_bytes(data), u32::MAX);
+    let host = r.dm.pci_host_info();
+    assert_eq!((host.ecam_base, host.last_bus), (layout::PCI_ECAM_START, 0));
+    assert_eq!(host.mmio32.base, layout::MMIO32_WINDOW_START);
+    assert_eq!(host.mmio64.base, 1 << 32, "above RAM, 1 GiB aligned");
     // INTx pins are kept from exclusive use.
     let mut a = r.dm.allocator().lock().unwrap();
     assert!((16..24).all(|gsi| a.is_legacy_irq_allocated(gsi)));
@@ -451,17 +455,30 @@ fn parse(args: &[&str]) -> VmConfig {
 fn devices_from_the_configuration() {
     let mut r = rig();
     let path = std::env::temp_dir().join(format!("trellis-console-{}", std::process::id()));
+    let image = std::env::temp_dir().join(format!("trellis-disk-{}", std::process::id()));
+    std::fs::write(&image, [0u8; 4096]).unwrap();
     let console = format!("file={}", path.display());
-    let config = parse(&["--console", &console]);
+    let disk = format!("path={},readonly=on", image.display());
+    let config = parse(&["--disk", &disk, "--rng", "--console", &console]);
     r.dm.create_devices(&config, guest_memory()).unwrap();
-    let topology = r.dm.topology();
-    assert_eq!(topology.len(), 2);
+    let found: Vec<(String, u16, u8)> =
+        r.dm.topology()
+            .iter()
+            .map(|f| (f.id.clone(), f.device_id, f.bdf.device()))
+            .collect();
+    let expected = [
+        ("host bridge", 0x0008, 0),
+        ("disk0", 0x1042, 1),
+        ("rng", 0x1044, 2),
+        ("console", 0x1043, 3),
+    ];
     assert_eq!(
-        (topology[1].id.as_str(), topology[1].device_id),
-        ("console", 0x1043)
+        found,
+        expected.map(|(id, dev, slot)| (id.to_string(), dev, slot))
     );
     assert!(path.exists());
     std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&image).unwrap();
 
     // VFIO is refused before anything is created.
     let mut r = rig();

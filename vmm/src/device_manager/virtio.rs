@@ -3,8 +3,10 @@
 use std::sync::{Arc, Mutex};
 
 use pci::{IntxInterrupt, MsiInterruptGroup, PciBdf};
+use virtio_devices::block::{Block, BlockConfig};
 use virtio_devices::console::{Console, ConsoleInput};
 use virtio_devices::net::{Net, NetConfig as NetDeviceConfig};
+use virtio_devices::rng::Rng;
 use virtio_devices::transport::{
     msix_vector_count, VirtioPciDevice, VIRTIO_PCI_BAR_ALIGNMENT, VIRTIO_PCI_BAR_SIZE,
 };
@@ -38,10 +40,14 @@ impl DeviceManager {
         memory: GuestMemoryMmapAtomic,
     ) -> Result<(), DeviceManagerError> {
         self.check_vfio(config)?;
-        if !config.disks.is_empty() || config.rng.is_some() {
-            return Err(DeviceManagerError::Unavailable(
-                "virtio-blk and virtio-rng are not in this build yet",
-            ));
+        for disk in &config.disks {
+            let device = Block::new(BlockConfig {
+                read_only: disk.readonly,
+                serial: Some(disk.id.clone()),
+                ..BlockConfig::new(&disk.path)
+            })
+            .map_err(|e| device_error(&disk.id, e))?;
+            self.add_virtio_device(&disk.id, Arc::new(Mutex::new(device)), memory.clone())?;
         }
         for net in &config.nets {
             let device = Net::new(NetDeviceConfig {
@@ -51,6 +57,10 @@ impl DeviceManager {
             })
             .map_err(|e| device_error(&net.id, e))?;
             self.add_virtio_device(&net.id, Arc::new(Mutex::new(device)), memory.clone())?;
+        }
+        if let Some(rng) = &config.rng {
+            let device = Rng::new(rng.src.clone()).map_err(|e| device_error("rng", e))?;
+            self.add_virtio_device("rng", Arc::new(Mutex::new(device)), memory.clone())?;
         }
         let console = match &config.console {
             OutputMode::Off => None,
