@@ -115,6 +115,19 @@ pub fn cli() {
     unsafe { asm!("cli", options(nomem, nostack)) }
 }
 
+/// Sleeps until the next interrupt unless `ready()` already holds. The check
+/// runs with interrupts masked and `sti; hlt` re-enables them atomically with
+/// the halt, so an interrupt arriving after the check still wakes us.
+pub fn halt_unless(ready: impl Fn() -> bool) {
+    cli();
+    if ready() {
+        sti();
+    } else {
+        // SAFETY: the IDT and LAPIC are set up; an interrupt ends the halt.
+        unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
+    }
+}
+
 /// Halts forever with interrupts off.
 pub fn halt_forever() -> ! {
     loop {

@@ -76,6 +76,8 @@ pub struct Config {
     pub reassign_bars: bool,
     /// Use xAPIC MMIO even if x2APIC is available (`apic=xapic`).
     pub xapic: bool,
+    /// Use ports 0xCF8/0xCFC even if ACPI has an MCFG (`pci=port`).
+    pub port_io: bool,
     /// Requests per benchmark (`bench_ops=N`).
     pub bench_ops: u32,
     /// Upper bound on each benchmark's run time in ms (`bench_ms=N`).
@@ -98,6 +100,7 @@ impl Config {
             expect: Expect::default(),
             reassign_bars: false,
             xapic: false,
+            port_io: false,
             bench_ops: 20_000,
             bench_ms: 2_000,
         };
@@ -118,6 +121,7 @@ impl Config {
                 }
                 "bars" => cfg.reassign_bars = value == "reassign",
                 "apic" => cfg.xapic = value == "xapic",
+                "pci" => cfg.port_io = value == "port",
                 "bench_ops" => cfg.bench_ops = value.parse().unwrap_or(cfg.bench_ops).max(1),
                 "bench_ms" => cfg.bench_ms = value.parse().unwrap_or(cfg.bench_ms).max(1),
                 "log" => log::set_max_level(match value {
@@ -272,8 +276,10 @@ extern "C" fn guest_main(start_info: u32) -> ! {
     }
     let ecam_base = ecam
         .map(|e| e.base)
-        .filter(|&base| base + (256 << 20) <= boot::mapped_limit());
-    let pci = pci::Pci::new(ecam_base);
+        .filter(|&base| base + (256 << 20) <= boot::mapped_limit())
+        .filter(|_| !cfg.port_io);
+    let mut pci = pci::Pci::new(ecam_base);
+    pci.reserve_bus0();
     let (functions, n) = virtio::scan(&pci);
     println!("INFO virtio functions: {}", Dec(n as u64));
 

@@ -5,7 +5,8 @@ use crate::arch::{inl, outl};
 use crate::serial::Dec;
 use core::fmt;
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, MmioCam, PciRoot,
+    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, HeaderType, MemoryBarType, MmioCam,
+    PciRoot,
 };
 
 const PCI_CAP_ID_MSIX: u8 = 0x11;
@@ -136,9 +137,25 @@ impl Pci {
         }
     }
 
+    /// Moves the fallback allocator past the BARs of every function on bus 0
+    /// (see `reserve_assigned`).
+    pub fn reserve_bus0(&mut self) {
+        let mut functions = [None; 256];
+        let standard = self
+            .root
+            .enumerate_bus(0)
+            .filter(|(_, info)| info.header_type == HeaderType::Standard);
+        for (slot, (df, _)) in functions.iter_mut().zip(standard) {
+            *slot = Some(df);
+        }
+        for df in functions.into_iter().flatten() {
+            self.reserve_assigned(df);
+        }
+    }
+
     /// Moves the fallback allocator past every memory BAR already placed
     /// inside its window, so a fresh assignment cannot overlap one.
-    pub fn reserve_assigned(&mut self, df: DeviceFunction) {
+    fn reserve_assigned(&mut self, df: DeviceFunction) {
         if let Ok(bars) = self.root.bars(df) {
             for bar in bars.iter().flatten() {
                 if let Some((addr, size)) = bar.memory_address_size() {

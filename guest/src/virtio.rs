@@ -9,7 +9,7 @@
 use crate::hal::GuestHal;
 use crate::interrupts::{FIRST_DEVICE_VECTOR, LAST_DEVICE_VECTOR};
 use crate::pci::Pci;
-use crate::serial::{Dec, HexN};
+use crate::serial::{Dec, Hex, HexN};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use virtio_drivers::transport::pci::bus::DeviceFunction;
@@ -123,8 +123,27 @@ pub fn open(
     apic_id: u32,
 ) -> core::result::Result<IrqTransport, &'static str> {
     assert!(queues <= MAX_QUEUES);
-    pci.setup_function(f.df, reassign_bars)
+    let assigned = pci
+        .setup_function(f.df, reassign_bars)
         .map_err(|_| "bar-setup-failed")?;
+    if let Ok(bars) = pci.root.bars(f.df) {
+        for (i, bar) in bars.iter().enumerate() {
+            if let Some((addr, size)) = bar.as_ref().and_then(|b| b.memory_address_size()) {
+                crate::println!(
+                    "INFO {} bar{}={} size={}{}",
+                    Bdf(f.df),
+                    Dec(i as u64),
+                    Hex(addr),
+                    Hex(size),
+                    if assigned > 0 {
+                        " (assigned by guest)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
     let mut vectors = [0u8; MAX_QUEUES];
     for v in vectors.iter_mut().take(queues) {
         let next = NEXT_VECTOR.fetch_add(1, Ordering::Relaxed);
