@@ -21,8 +21,9 @@
 #                         TRELLIS-VF-DISK) to pass through
 #   --vfio-bind DEV       bind DEV (edu|vfioblk) to vfio-pci in L1 before
 #                         trellis starts; L1 sets EDU_SYSFS / VFIOBLK_SYSFS
-#   --trellis-arg ARG     append ARG to trellis' command line; expanded by
-#                         L1's shell, so it may say '--device path=${EDU_SYSFS}'
+#   --trellis-arg ARG     append one word ARG to trellis' command line;
+#                         expanded by L1's shell, so it may use ${EDU_SYSFS}:
+#                         --trellis-arg --device --trellis-arg 'path=${EDU_SYSFS}'
 #   --qemu-arg ARG        append ARG to L1's QEMU command line (repeatable)
 #   --l1-sync             sync in L1 before power-off (by default L1 does not,
 #                         so L2's writes only reach the image if trellis
