@@ -229,8 +229,26 @@ fn nanos(cycles: u64, hz: u64) -> u64 {
     (u128::from(cycles) * 1_000_000_000 / u128::from(hz.max(1))) as u64
 }
 
+/// Cycles per iteration of a plain dependent-add loop: near 1 on hardware
+/// virtualization, far more where the backend emulates guest instructions.
+/// Puts the device numbers in context.
+fn cpu_loop_cycles() -> u64 {
+    const ITERS: u64 = 1_000_000;
+    let start = rdtsc();
+    let mut x = 0u64;
+    for i in 0..ITERS {
+        x = core::hint::black_box(x.wrapping_add(i));
+    }
+    core::hint::black_box(x);
+    rdtsc().wrapping_sub(start) / ITERS
+}
+
 /// Runs the benchmarks on the first block device.
 pub fn run(ctx: &mut Ctx) {
+    println!(
+        "BENCH cpu-loop-cycles {} cycles/iter",
+        Dec(cpu_loop_cycles())
+    );
     let Some(f) = ctx.find(DeviceType::Block) else {
         return ctx.report.fail("bench-init", "no-block-device");
     };

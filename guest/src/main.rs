@@ -147,7 +147,11 @@ impl Report {
     /// `TEST <name> ok [detail]`.
     pub fn ok(&mut self, name: &str, detail: fmt::Arguments) {
         self.pass += 1;
-        println!("TEST {name} ok {detail}");
+        if detail.as_str() == Some("") {
+            println!("TEST {name} ok");
+        } else {
+            println!("TEST {name} ok {detail}");
+        }
     }
 
     /// `TEST <name> FAIL <reason>`.

@@ -1,8 +1,8 @@
 //! TSC frequency, from whichever source the hypervisor offers:
 //! CPUID 0x40000010 (hypervisor timing leaf, kHz), CPUID 0x15 (crystal ratio),
-//! or KVM's pvclock (the TSC-to-nanoseconds scale it publishes).
+//! KVM's pvclock (the TSC-to-nanoseconds scale it publishes), or the PIT.
 
-use crate::arch::{cpuid, wrmsr};
+use crate::arch::{cpuid, inb, outb, rdtsc, wrmsr};
 
 const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
@@ -84,6 +84,29 @@ fn from_pvclock() -> Option<u64> {
     (den != 0).then(|| (num / den) as u64)
 }
 
+/// Counts TSC ticks across 10 ms of PIT channel 2 (one-shot, mode 0), the
+/// classic PC calibration. `None` if no PIT answers.
+fn from_pit() -> Option<u64> {
+    const PIT_HZ: u64 = 1_193_182;
+    const LATCH: u64 = PIT_HZ / 100;
+    // Gate on, speaker off; channel 2, lobyte/hibyte, mode 0.
+    outb(0x61, (inb(0x61) & !0x02) | 0x01);
+    outb(0x43, 0xb0);
+    outb(0x42, LATCH as u8);
+    outb(0x42, (LATCH >> 8) as u8);
+    let start = rdtsc();
+    let mut polls = 0u64;
+    while inb(0x61) & 0x20 == 0 {
+        polls += 1;
+        if polls > 50_000_000 {
+            return None;
+        }
+    }
+    let ticks = rdtsc().wrapping_sub(start);
+    // OUT2 high at once means no PIT (or a bogus one).
+    (polls > 10 && ticks > 1000).then(|| ticks * 100)
+}
+
 /// TSC frequency in Hz and where it came from, if any source is available.
 pub fn tsc_hz() -> Option<(u64, &'static str)> {
     if let Some((max, _)) = hypervisor_max_leaf() {
@@ -103,5 +126,8 @@ pub fn tsc_hz() -> Option<(u64, &'static str)> {
             ));
         }
     }
-    from_pvclock().map(|hz| (hz, "kvm-pvclock"))
+    if let Some(hz) = from_pvclock() {
+        return Some((hz, "kvm-pvclock"));
+    }
+    from_pit().map(|hz| (hz, "pit"))
 }
