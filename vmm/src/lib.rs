@@ -15,3 +15,5 @@ pub mod acpi;
 pub mod arch;
 pub mod boot;
 pub mod memory;
+pub mod vcpu;
+pub mod vm;
