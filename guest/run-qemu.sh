@@ -42,6 +42,18 @@ say "building the guest"
 kernel=$here/target/x86_64-unknown-linux-gnu/release/trellis-test-guest
 [[ -f $kernel ]] || { say "no guest binary at $kernel"; exit 1; }
 
+# SSE audit: KVM here cannot emulate SSE arithmetic. Our crates are built
+# without SSE; only the precompiled core's number formatting and padding
+# (which the guest avoids, see src/serial.rs) may contain it.
+if command -v objdump >/dev/null; then
+    sse=$(objdump -d --no-show-raw-insn -C "$kernel" | awk '
+        /^[0-9a-f]+ <.*>:$/ { fn = $0; sub(/^[0-9a-f]+ /, "", fn) }
+        /xmm/ && !/mov(ups|aps|upd|apd|dqu|dqa)/ { bad[fn] = 1 }
+        END { for (f in bad) print f }' |
+        grep -v -E 'core::fmt::Formatter>::pad|core::str::count|as core::fmt::(Display|Debug)>::fmt|DebugSet' || true)
+    [[ -z $sse ]] || say "WARNING: SSE arithmetic in: $(echo "$sse" | tr '\n' ' ')"
+fi
+
 mkdir -p "$workdir"
 disk=$workdir/disk.img
 console=$workdir/console.out

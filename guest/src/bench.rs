@@ -184,7 +184,7 @@ impl BenchBlk {
             }
             // RDTSC may be costly under emulation: check the clock rarely.
             spins = spins.wrapping_add(1);
-            let check = wait == Wait::Interrupt || spins % 256 == 0;
+            let check = wait == Wait::Interrupt || spins.is_multiple_of(256);
             if !stop_submitting && check && rdtsc().wrapping_sub(start) > max_cycles {
                 stop_submitting = true;
             }
@@ -206,7 +206,7 @@ impl BenchBlk {
             let mut spins = 0u32;
             while interrupts::count(vector) == before {
                 spins = spins.wrapping_add(1);
-                if spins % 256 == 0 && rdtsc().wrapping_sub(start) > timeout {
+                if spins.is_multiple_of(256) && rdtsc().wrapping_sub(start) > timeout {
                     return Err("no-interrupt");
                 }
             }

@@ -1,7 +1,8 @@
 //! PVH entry: 32-bit protected mode with paging off, `%ebx` = physical address
-//! of `hvm_start_info`. Zeroes .bss, builds identity page tables, enables SSE,
-//! PAE, long mode and paging, then calls `guest_main(start_info)` in 64-bit
-//! mode on the boot stack.
+//! of `hvm_start_info`. Zeroes .bss, builds identity page tables, enables PAE,
+//! long mode and paging, then calls `guest_main(start_info)` in 64-bit mode on
+//! the boot stack. CR4.OSFXSR/OSXMMEXCPT are set although our code has no SSE:
+//! the precompiled `core` has a few SSE paths (see serial.rs).
 //!
 //! Page tables: the first 512 GiB with 1 GiB pages when the CPU has them
 //! (CPUID 0x80000001 EDX bit 26), else the first 64 GiB with 2 MiB pages.
