@@ -433,17 +433,22 @@ impl DeviceManager {
         reset: Option<Box<dyn FnMut() + Send>>,
     ) -> Result<(), DeviceManagerError> {
         let ranges: Vec<GuestRange> = bars.iter().map(|b| b.range).collect();
-        let result = self.place_pci_device(id, bdf, device, bars, &interrupts);
-        if let Err(e) = result {
+        let mut on_bus = Vec::new();
+        if let Err(e) = self.place_pci_device(id, bdf, device, bars, &interrupts, &mut on_bus) {
+            // The slot was free, so every mapping at `bdf` is this device's.
             self.relocator.unmap_device(bdf);
+            for range in on_bus {
+                let _ = self.relocator.bus(range.space()).remove(range.base());
+            }
             let mut allocator = self.lock_allocator();
             for range in &ranges {
-                let bus = match range.space() {
-                    AddressSpace::Io => &self.io_bus,
-                    _ => &self.mmio_bus,
-                };
-                let _ = bus.remove(range.base());
-                let _ = allocator.free(range);
+                if let Err(e) = allocator.free(range) {
+                    log::error!("failed to free {range} of {id}: {e}");
+                }
+            }
+            drop(allocator);
+            if let Some(intx) = &interrupts.intx {
+                self.forget_intx(intx);
             }
             return Err(e);
         }
@@ -458,6 +463,8 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The steps of [`add_pci_device`](Self::add_pci_device); records the
+    /// bus ranges it inserted in `on_bus` so a failure can undo exactly those.
     fn place_pci_device<T: PciDevice + BusDevice + 'static>(
         &mut self,
         id: &str,
@@ -465,17 +472,24 @@ impl DeviceManager {
         device: Arc<Mutex<T>>,
         bars: Vec<BarSetup>,
         interrupts: &PciInterrupts,
+        on_bus: &mut Vec<GuestRange>,
     ) -> Result<(), DeviceManagerError> {
+        let pci_error = |source| DeviceManagerError::Pci {
+            id: id.to_string(),
+            source,
+        };
+        if self.lock_root().device(bdf).is_some() {
+            return Err(pci_error(PciError::SlotInUse(bdf.to_string())));
+        }
         for bar in bars {
-            let bus = match bar.range.space() {
-                AddressSpace::Io => &self.io_bus,
-                _ => &self.mmio_bus,
-            };
-            bus.insert(device.clone(), bar.range.base(), bar.range.size())
+            self.relocator
+                .bus(bar.range.space())
+                .insert(device.clone(), bar.range.base(), bar.range.size())
                 .map_err(|source| DeviceManagerError::Bus {
                     what: format!("BAR {} of {id}", bar.index),
                     source,
                 })?;
+            on_bus.push(bar.range);
             self.relocator
                 .map_bar(bdf, bar.index, bar.range, bar.ioevents)
                 .map_err(|source| DeviceManagerError::BarMap {
@@ -491,12 +505,15 @@ impl DeviceManager {
             let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
             dev.write_config_register(0x3c / 4, 0, &[line]);
         }
-        self.lock_root()
-            .add_device(bdf, device)
-            .map_err(|source| DeviceManagerError::Pci {
-                id: id.to_string(),
-                source,
-            })
+        self.lock_root().add_device(bdf, device).map_err(pci_error)
+    }
+
+    /// Drops an INTx line from the event loop's subscribers (its irqfd goes
+    /// when the last reference does).
+    fn forget_intx(&mut self, intx: &Arc<KvmIntx>) {
+        let target = Arc::as_ptr(intx) as *const ();
+        self.subscribers
+            .retain(|s| Arc::as_ptr(s) as *const () != target);
     }
 
     /// Fails for VFIO devices, which are not implemented yet.

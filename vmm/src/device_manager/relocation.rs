@@ -105,7 +105,8 @@ impl PciBarRelocator {
         self.bars.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bus(&self, space: AddressSpace) -> &Bus {
+    /// The bus BARs of `space` live on.
+    pub(crate) fn bus(&self, space: AddressSpace) -> &Bus {
         match space {
             AddressSpace::Io => &self.io_bus,
             AddressSpace::Mmio32 | AddressSpace::Mmio64 => &self.mmio_bus,

@@ -373,19 +373,32 @@ fn moves_onto_taken_or_foreign_ranges_are_refused() {
 #[test]
 fn a_failed_add_releases_everything() {
     let mut r = rig();
-    // 00:00.0 is the host bridge: the root refuses the function.
+    // 00:00.0 is the host bridge: refused before anything is touched.
     let err = add_fake_at(&mut r.dm, "dup", PciBdf::new(0, 0, 0))
         .err()
         .unwrap();
     assert!(matches!(err, DeviceManagerError::Pci { .. }), "{err}");
-    let ops = r.io.take();
-    assert_eq!(ops.len(), 4, "registered, then unregistered: {ops:?}");
-    assert!(!ops[2].0 && !ops[3].0);
+    assert!(r.io.take().is_empty());
+    let ops = r.irq.take();
+    assert!(
+        matches!(ops.last(), Some(Op::Unregister { .. })),
+        "the INTx irqfd is gone: {ops:?}"
+    );
+    assert!(r.dm.subscribers.is_empty(), "and out of the event loop");
     let bar = r.dm.allocate_bar("again", BAR_SIZE).unwrap();
     assert!(r.dm.mmio_bus().range_of(bar.base()).is_none());
+    r.dm.lock_allocator().free(&bar).unwrap();
+
+    // An ioeventfd KVM refuses: the BAR was on the bus already.
+    let next = bar.base() + 0x3004;
+    *r.io.fail_at.lock().unwrap() = Some(next);
+    let err = add_fake(&mut r.dm, "noio").err().unwrap();
+    assert!(matches!(err, DeviceManagerError::BarMap { .. }), "{err}");
+    assert_eq!(r.io.take().len(), 2, "one registered, then unregistered");
+    assert!(r.dm.mmio_bus().range_of(bar.base()).is_none());
+    assert_eq!(r.dm.allocate_bar("again", BAR_SIZE).unwrap(), bar);
     assert_eq!(r.dm.topology().len(), 1);
-    // The relocator forgot it too.
-    assert!(r.dm.relocator().bars_of(PciBdf::new(0, 0, 0)).is_empty());
+    assert!(r.dm.relocator().bars_of(PciBdf::new(0, 1, 0)).is_empty());
 }
 
 #[test]

@@ -137,12 +137,9 @@ impl DeviceManager {
         }];
         let interrupts = PciInterrupts {
             msix: Some(msix),
-            intx: Some(intx.clone()),
+            intx: Some(intx),
         };
-        if let Err(e) = self.add_pci_device(id, bdf, transport, bars, interrupts, Some(reset)) {
-            self.forget_intx(&intx);
-            return Err(e);
-        }
+        self.add_pci_device(id, bdf, transport, bars, interrupts, Some(reset))?;
         Ok(bdf)
     }
 
@@ -157,12 +154,5 @@ impl DeviceManager {
             log::error!("failed to free {bar}: {e}");
         }
         self.forget_intx(intx);
-    }
-
-    /// Drops an INTx line from the event loop's subscribers.
-    fn forget_intx(&mut self, intx: &Arc<super::KvmIntx>) {
-        let target = Arc::as_ptr(intx) as *const ();
-        self.subscribers
-            .retain(|s| Arc::as_ptr(s) as *const () != target);
     }
 }
