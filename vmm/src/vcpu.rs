@@ -13,6 +13,7 @@
 //! `EINTR`. Either way it then sees the flag and leaves.
 
 use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -118,6 +119,15 @@ pub enum VcpuError {
         id: u8,
         /// The exit, as debug text.
         exit: String,
+    },
+    /// The vCPU thread panicked (a bug in a device model or in the VMM);
+    /// reported so the VM ends instead of waiting for a dead thread.
+    #[error("vCPU {id}: thread panicked: {message}")]
+    Panicked {
+        /// vCPU index.
+        id: u8,
+        /// The panic message.
+        message: String,
     },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -481,7 +491,16 @@ pub fn spawn_vcpu(mut vcpu: Vcpu, state: Arc<VcpuRunState>) -> Result<JoinHandle
             }
             let run = vcpu.fd.get_kvm_run();
             IMMEDIATE_EXIT.with(|p| p.set(std::ptr::addr_of_mut!(run.immediate_exit)));
-            let reason = vcpu.run_until_stopped(&state.stop);
+            let reason =
+                std::panic::catch_unwind(AssertUnwindSafe(|| vcpu.run_until_stopped(&state.stop)))
+                    .unwrap_or_else(|payload| {
+                        let message = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".to_string());
+                        VcpuStopReason::Failed(VcpuError::Panicked { id, message })
+                    });
             IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
             match reason {
                 VcpuStopReason::Stopped => debug!("vCPU {id} stopped"),

@@ -51,6 +51,12 @@ use crate::vcpu::{
     install_kick_handler, kick_signal, spawn_vcpu, Vcpu, VcpuError, VcpuRunState, VcpuStopReason,
 };
 
+/// epoll tokens of the VM's exit sources, lowest precedence first.
+const TOKEN_POWEROFF: u64 = 0;
+const TOKEN_RESET: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+const TOKEN_VCPU_EXIT: u64 = 3;
+
 /// The KVM API version every KVM since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 /// How long stopping vCPUs may take before we give up on a stuck thread.
@@ -371,17 +377,13 @@ impl Vm {
             return Err(VmError::NotSetUp);
         }
         install_kick_handler()?;
-        const POWEROFF: u64 = 0;
-        const RESET: u64 = 1;
-        const STOP: u64 = 2;
-        const VCPU_EXIT: u64 = 3;
         let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let epoll = Epoll::new().map_err(io_err("epoll_create"))?;
         for (fd, token) in [
-            (self.poweroff_evt.as_raw_fd(), POWEROFF),
-            (self.reset_evt.as_raw_fd(), RESET),
-            (self.stop_evt.as_raw_fd(), STOP),
-            (vcpu_exit_evt.as_raw_fd(), VCPU_EXIT),
+            (self.poweroff_evt.as_raw_fd(), TOKEN_POWEROFF),
+            (self.reset_evt.as_raw_fd(), TOKEN_RESET),
+            (self.stop_evt.as_raw_fd(), TOKEN_STOP),
+            (vcpu_exit_evt.as_raw_fd(), TOKEN_VCPU_EXIT),
         ] {
             epoll
                 .ctl(
@@ -406,7 +408,7 @@ impl Vm {
             }
         }
 
-        let result = wait_for_exit(&epoll, &state);
+        let result = wait_for_exit(&epoll, &state, &vcpu_exit_evt);
         stop_vcpus(&state, threads);
         match &result {
             Ok(status) => info!("VM ended: {status:?}"),
@@ -417,7 +419,11 @@ impl Vm {
 }
 
 /// Blocks until one of the exit sources fires and turns it into a status.
-fn wait_for_exit(epoll: &Epoll, state: &VcpuRunState) -> Result<VmExitStatus, VmError> {
+fn wait_for_exit(
+    epoll: &Epoll,
+    state: &VcpuRunState,
+    vcpu_exit_evt: &EventFd,
+) -> Result<VmExitStatus, VmError> {
     let mut events = vec![EpollEvent::default(); 4];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -430,25 +436,28 @@ fn wait_for_exit(epoll: &Epoll, state: &VcpuRunState) -> Result<VmExitStatus, Vm
                 })
             }
         };
-        // A vCPU failure wins over a simultaneous guest request.
-        let mut tokens: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
-        tokens.sort_unstable_by(|a, b| b.cmp(a));
-        if let Some(&token) = tokens.first() {
+        // A vCPU's report (possibly a failure) wins over a simultaneous
+        // guest request; tokens are numbered in that order of precedence.
+        if let Some(token) = events[..n].iter().map(|e| e.data()).max() {
             return match token {
-                0 => Ok(VmExitStatus::PowerOff),
-                1 => Ok(VmExitStatus::Reset),
-                2 => Ok(VmExitStatus::Stopped),
-                _ => match state.take_exit() {
-                    Some((_, VcpuStopReason::PowerOff)) => Ok(VmExitStatus::PowerOff),
-                    Some((_, VcpuStopReason::Reset)) => Ok(VmExitStatus::Reset),
-                    Some((vcpu, VcpuStopReason::TripleFault)) => {
-                        warn!("vCPU {vcpu} triple-faulted");
-                        Ok(VmExitStatus::TripleFault { vcpu })
+                TOKEN_POWEROFF => Ok(VmExitStatus::PowerOff),
+                TOKEN_RESET => Ok(VmExitStatus::Reset),
+                TOKEN_STOP => Ok(VmExitStatus::Stopped),
+                _ => {
+                    // Drained so a spurious wake-up cannot make epoll spin.
+                    let _ = vcpu_exit_evt.read();
+                    match state.take_exit() {
+                        Some((_, VcpuStopReason::PowerOff)) => Ok(VmExitStatus::PowerOff),
+                        Some((_, VcpuStopReason::Reset)) => Ok(VmExitStatus::Reset),
+                        Some((vcpu, VcpuStopReason::TripleFault)) => {
+                            warn!("vCPU {vcpu} triple-faulted");
+                            Ok(VmExitStatus::TripleFault { vcpu })
+                        }
+                        Some((_, VcpuStopReason::Failed(e))) => Err(e.into()),
+                        // Not reported by threads; nothing to do but go on.
+                        Some((_, VcpuStopReason::Stopped)) | None => continue,
                     }
-                    Some((_, VcpuStopReason::Failed(e))) => Err(e.into()),
-                    // Not reported by threads; nothing to do but go on.
-                    Some((_, VcpuStopReason::Stopped)) | None => continue,
-                },
+                }
             };
         }
     }

@@ -104,3 +104,35 @@ fn run_needs_setup_and_runs_once() {
     assert_eq!(t.run(TIMEOUT).unwrap(), VmExitStatus::PowerOff);
     assert!(matches!(t.vm.run(), Err(VmError::NotSetUp)));
 }
+
+/// A device model with a bug the guest can reach.
+struct PanickingDevice;
+
+impl devices::BusDevice for PanickingDevice {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {
+        panic!("device model bug");
+    }
+}
+
+#[test]
+fn a_panicking_device_fails_the_vm_instead_of_hanging_it() {
+    let mut t = build_vm(&pvh_image(), 32 * MIB, 2, "p");
+    t.devices.io_bus.remove(0x3f8).unwrap();
+    t.devices
+        .io_bus
+        .insert(
+            std::sync::Arc::new(std::sync::Mutex::new(PanickingDevice)),
+            0x3f8,
+            8,
+        )
+        .unwrap();
+    let e = t.run(TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, VmError::Vcpu(VcpuError::Panicked { id: 0, message }) if message == "device model bug"),
+        "{e}"
+    );
+}
