@@ -8,12 +8,12 @@
 //!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
 //!   relocation with ioeventfds).
 
-pub mod config;
-pub mod device_manager;
-pub mod interrupt;
 pub mod acpi;
 pub mod arch;
 pub mod boot;
+pub mod config;
+pub mod device_manager;
+pub mod interrupt;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -10,6 +10,8 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use vmm::config::{self, ConfigError, Invocation, VmConfig};
+use vmm::device_manager::DeviceManager;
+use vmm::vm::{PlatformConfig, Vm, VmDevices, VmExitStatus};
 
 /// Exit status for a bad command line or configuration.
 const EXIT_USAGE: u8 = 2;
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         report(&e);
         return ExitCode::from(EXIT_USAGE);
     }
+    let _stdin = StdinFlags::save();
     match run(&config) {
         Ok(()) => {
             log::info!("guest powered off");
@@ -68,6 +71,29 @@ fn main() -> ExitCode {
         Err(e) => {
             report(e.as_ref());
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The file status flags of stdin, put back on drop: the virtio console
+/// makes stdin non-blocking, which would otherwise outlive us in the
+/// shell that shares the terminal.
+struct StdinFlags(Option<libc::c_int>);
+
+impl StdinFlags {
+    fn save() -> Self {
+        // SAFETY: F_GETFL on fd 0 takes no pointer; a closed fd gives -1.
+        let flags = unsafe { libc::fcntl(libc::STDIN_FILENO, libc::F_GETFL) };
+        StdinFlags((flags >= 0).then_some(flags))
+    }
+}
+
+impl Drop for StdinFlags {
+    fn drop(&mut self) {
+        if let Some(flags) = self.0 {
+            // SAFETY: F_SETFL on fd 0 with an integer argument, the flags
+            // read at start.
+            unsafe { libc::fcntl(libc::STDIN_FILENO, libc::F_SETFL, flags) };
         }
     }
 }
@@ -97,7 +123,35 @@ fn report(e: &dyn Error) {
 }
 
 /// Builds the VM described by `config` and runs it until the guest powers
-/// off.
-fn run(_config: &VmConfig) -> Result<(), Box<dyn Error>> {
-    Err("booting is not available yet: the VM builder is not in this build".into())
+/// off (`Ok`) or the VM ends any other way (`Err`).
+fn run(config: &VmConfig) -> Result<(), Box<dyn Error>> {
+    let mut vm = Vm::new(PlatformConfig {
+        kernel: config.kernel.clone(),
+        initramfs: config.initramfs.clone(),
+        cmdline: config.cmdline.clone(),
+        mem_size: config.memory_size,
+        vcpus: config.vcpus,
+    })?;
+    let mut devices = DeviceManager::new(vm.vm_fd(), vm.ram_end())?;
+    devices.add_legacy_devices(&config.serial, vm.reset_evt()?)?;
+    devices.create_devices(config, vm.guest_memory())?;
+    vm.setup(&VmDevices {
+        io_bus: devices.io_bus().clone(),
+        mmio_bus: devices.mmio_bus().clone(),
+        pci_host: devices.pci_host_info(),
+    })?;
+    devices.log_topology();
+    devices.start_event_loop()?;
+    let status = vm.run();
+    devices.shutdown();
+    match status? {
+        VmExitStatus::PowerOff => Ok(()),
+        VmExitStatus::Reset => {
+            Err("the guest reset the VM (trellis does not restart guests)".into())
+        }
+        VmExitStatus::TripleFault { vcpu } => {
+            Err(format!("vCPU {vcpu} triple-faulted (the guest crashed)").into())
+        }
+        VmExitStatus::Stopped => Err("the VM was stopped".into()),
+    }
 }

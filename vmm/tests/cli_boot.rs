@@ -1,0 +1,146 @@
+//! The `trellis` binary booting the platform's tiny PVH test kernel on the
+//! host's /dev/kvm: exit status by how the guest ends, serial output, the
+//! PCI topology on stderr, and clear errors for kernels that cannot boot.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{pvh_image, require_kvm, TempFile};
+
+fn trellis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run trellis")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Boots the PVH test kernel with `cmdline` (its first letter says how to
+/// end) and the serial port in a file; returns the run and the serial text.
+fn boot(cmdline: &str, extra: &[&str]) -> (Output, String) {
+    require_kvm();
+    let kernel = TempFile::new(&pvh_image());
+    let serial = TempFile::new(b"");
+    let serial_opt = format!("file={}", serial.0.display());
+    let mut args = vec![
+        "--kernel",
+        kernel.0.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "size=64M",
+        "--serial",
+        &serial_opt,
+    ];
+    args.extend_from_slice(extra);
+    let out = trellis(&args);
+    let text = String::from_utf8_lossy(&std::fs::read(&serial.0).unwrap()).into_owned();
+    (out, text)
+}
+
+#[test]
+fn power_off_exits_0() {
+    let (out, serial) = boot("p", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(serial, "PVH OK p\n");
+}
+
+#[test]
+fn the_topology_is_on_stderr_by_default() {
+    let disk = TempFile::new(&[0u8; 4096]);
+    let disk_opt = format!("path={},id=root", disk.0.display());
+    let console = TempFile::new(b"");
+    let console_opt = format!("file={}", console.0.display());
+    let (out, serial) = boot(
+        "p",
+        &["--disk", &disk_opt, "--rng", "--console", &console_opt],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(serial, "PVH OK p\n");
+    for line in [
+        "0000:00:00.0 host bridge [1b36:0008]",
+        "0000:00:01.0 root [1af4:1042], BAR0 ",
+        "0000:00:02.0 rng [1af4:1044], BAR0 ",
+        "0000:00:03.0 console [1af4:1043], BAR0 ",
+    ] {
+        assert!(err.contains(line), "{line:?} missing from:\n{err}");
+    }
+    assert!(
+        err.contains("MSI-X 2 vectors on GSI 24-25, INTA# on GSI 17"),
+        "{err}"
+    );
+    assert!(!err.contains("DEBUG"), "default level is info at most");
+}
+
+#[test]
+fn resets_and_crashes_exit_non_zero() {
+    for (cmdline, needle) in [
+        ("r", "the guest reset the VM"),
+        ("k", "the guest reset the VM"),
+        ("t", "triple-faulted"),
+    ] {
+        let (out, serial) = boot(cmdline, &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmdline}: {err}");
+        assert!(serial.starts_with("PVH OK"), "{serial}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("trellis: error: ") && last.contains(needle),
+            "{cmdline}: {err}"
+        );
+    }
+}
+
+/// Fails with exactly one stderr line containing `needle`.
+fn fails_once(args: &[&str], needle: &str) {
+    let out = trellis(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("trellis: error: ") && err.contains(needle),
+        "{err}"
+    );
+}
+
+#[test]
+fn kernels_that_cannot_boot_are_named() {
+    require_kvm();
+    let garbage: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let garbage = TempFile::new(&garbage);
+    let path = garbage.0.to_str().unwrap();
+    fails_once(
+        &["--kernel", path, "--serial", "off"],
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    let empty = TempFile::new(b"");
+    fails_once(
+        &["--kernel", empty.0.to_str().unwrap(), "--serial", "off"],
+        "empty",
+    );
+}
+
+#[test]
+fn vfio_is_not_supported_yet() {
+    require_kvm();
+    let kernel = TempFile::new(&pvh_image());
+    fails_once(
+        &[
+            "--kernel",
+            kernel.0.to_str().unwrap(),
+            "--serial",
+            "off",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:02.0",
+        ],
+        "VFIO passthrough is not supported yet",
+    );
+}
