@@ -209,14 +209,9 @@ impl DeviceManager {
     /// Devices for the KVM VM `vm` (with its in-kernel irqchip created)
     /// whose RAM ends at `ram_end` (see `vm_allocator::layout::RamLayout::end`).
     pub fn new(vm: Arc<VmFd>, ram_end: u64) -> Result<Self, DeviceManagerError> {
-        let config = SystemAllocatorConfig::for_x86_64(ram_end).map_err(|source| {
-            DeviceManagerError::Allocation {
-                what: "the guest address layout".to_string(),
-                source,
-            }
-        })?;
-        let allocator =
-            SystemAllocator::new(&config).map_err(|source| DeviceManagerError::Allocation {
+        let allocator = SystemAllocatorConfig::for_x86_64(ram_end)
+            .and_then(|config| SystemAllocator::new(&config))
+            .map_err(|source| DeviceManagerError::Allocation {
                 what: "the guest address layout".to_string(),
                 source,
             })?;
@@ -261,6 +256,8 @@ impl DeviceManager {
                 what: "PCI configuration ports".to_string(),
                 source,
             })?;
+        // The whole fixed ECAM region decodes; only bus 0 is populated (and
+        // announced in the MCFG), the other buses read as absent.
         let ecam = PciConfigMmio::new(
             pci_root.clone(),
             (layout::PCI_ECAM_SIZE / ECAM_BUS_SIZE) as u16,
