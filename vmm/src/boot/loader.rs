@@ -258,9 +258,19 @@ where
     let start = result.kernel_load.0;
     let mut end = result.kernel_end;
     if version >= PROTOCOL_2_10 {
-        // The kernel decompresses itself in place and needs init_size
-        // bytes from its load address.
-        end = end.max(start.saturating_add(u64::from(header.init_size)));
+        // The kernel decompresses itself into init_size bytes starting at
+        // its load address or, if relocatable, at that address aligned to
+        // kernel_alignment but not below pref_address (where a 64-bit
+        // kernel insists on running). Nothing may live there.
+        let mut base = start;
+        if header.relocatable_kernel != 0 {
+            let align = u64::from(header.kernel_alignment).max(1);
+            base = start
+                .checked_next_multiple_of(align)
+                .unwrap_or(u64::MAX)
+                .max(header.pref_address);
+        }
+        end = end.max(base.saturating_add(u64::from(header.init_size)));
     }
     if end > low_ram_end {
         return Err(BootError::KernelTooLarge {

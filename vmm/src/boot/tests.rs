@@ -206,6 +206,34 @@ fn bzimage_uses_its_64bit_entry() {
 }
 
 #[test]
+fn relocatable_bzimage_reserves_its_decompression_area() {
+    let mut image = bzimage(0x020f, 1, 0x200_0000, &[0xcc; 0x1000]);
+    image[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+    image[0x234] = 1; // relocatable_kernel
+    image[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+    let info = boot(image.clone(), Some(vec![1; 100]), "").unwrap();
+    // Decompression happens at pref_address (16 MiB), for init_size bytes.
+    assert_eq!(
+        (info.kernel.start, info.kernel.end),
+        (0x10_0000, 0x300_0000)
+    );
+    assert!(info.initramfs.unwrap().0 >= 0x300_0000);
+    // Loaded at 1 MiB it would fit in 40 MiB; at 16 MiB it does not.
+    let (mem, layout) = crate::memory::create_guest_memory(40 * MIB).unwrap();
+    let e = boot_in(&mem, &layout, image, None, "").unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BootError::KernelTooLarge {
+                end: 0x300_0000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn bzimage_without_64bit_entry_is_rejected() {
     for (version, xlf) in [(0x020f, 0), (0x0208, 1)] {
         let e = boot(bzimage(version, xlf, 0, &[0; 512]), None, "").unwrap_err();
