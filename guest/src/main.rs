@@ -84,6 +84,8 @@ pub struct Config {
     pub bench_ops: u32,
     /// Upper bound on each benchmark's run time in ms (`bench_ms=N`).
     pub bench_ms: u32,
+    /// `selftest=fault` / `selftest=panic`: check the failure paths.
+    pub selftest: &'static str,
 }
 
 /// Devices the host attached.
@@ -96,7 +98,7 @@ pub struct Expect {
 }
 
 impl Config {
-    fn parse(cmdline: &str) -> Self {
+    fn parse(cmdline: &'static str) -> Self {
         let mut cfg = Config {
             bench: false,
             expect: Expect::default(),
@@ -105,6 +107,7 @@ impl Config {
             port_io: false,
             bench_ops: 20_000,
             bench_ms: 2_000,
+            selftest: "",
         };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -124,6 +127,7 @@ impl Config {
                 "bars" => cfg.reassign_bars = value == "reassign",
                 "apic" => cfg.xapic = value == "xapic",
                 "pci" => cfg.port_io = value == "port",
+                "selftest" => cfg.selftest = value,
                 "bench_ops" => cfg.bench_ops = value.parse().unwrap_or(cfg.bench_ops).max(1),
                 "bench_ms" => cfg.bench_ms = value.parse().unwrap_or(cfg.bench_ms).max(1),
                 "log" => log::set_max_level(match value {
@@ -307,6 +311,16 @@ extern "C" fn guest_main(start_info: u32) -> ! {
         ),
     );
     arch::sti();
+    match ctx.cfg.selftest {
+        // An unmapped address: above what the boot page tables cover.
+        "fault" => {
+            let addr = boot::MAPPED_1G as *const u64;
+            // SAFETY: deliberately faults; the #PF handler ends the run.
+            let _ = unsafe { addr.read_volatile() };
+        }
+        "panic" => panic!("selftest"),
+        _ => {}
+    }
     tests::run(&mut ctx);
     if ctx.cfg.bench {
         bench::run(&mut ctx);
