@@ -137,6 +137,7 @@ fn probe_finds_the_device_through_both_config_mechanisms() {
     assert_eq!(driver.common.length, 0x3c);
     assert_eq!(driver.msix.unwrap().1, 3, "two queues plus config");
     assert!(driver.device_cfg.is_some());
+    assert_eq!(driver.device_cfg.unwrap().length, 8, "the echo device's");
     assert_eq!(driver.num_queues(), 2);
     assert_eq!(driver.queue_size(1), 64);
     let offered = driver.device_features();

@@ -81,6 +81,11 @@ pub trait VirtioDevice: Send {
     /// The features the driver accepted (a subset of `features`).
     fn ack_features(&mut self, features: u64);
 
+    /// Size in bytes of the device configuration space, 0 for a device
+    /// without one. The transport exposes exactly this many bytes (no
+    /// device configuration capability at all when it is 0).
+    fn config_size(&self) -> usize;
+
     /// Reads device configuration space at `offset`. Bytes past its end
     /// read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);

@@ -117,8 +117,12 @@ impl VirtioDevice for Rng {
         self.acked_features = features & FEATURES;
     }
 
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+    fn config_size(&self) -> usize {
         // virtio-rng has no configuration space.
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
 
@@ -418,6 +422,7 @@ mod tests {
         assert_eq!(rng.features(), FEATURES);
         rng.ack_features(u64::MAX);
         assert!(rng.event_idx());
+        assert_eq!(rng.config_size(), 0);
         let mut config = [0xffu8; 8];
         rng.read_config(0, &mut config);
         assert_eq!(config, [0; 8]);

@@ -23,6 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// A device type no real device uses here.
 pub const ECHO_DEVICE_TYPE: u32 = 63;
+/// Bytes of configuration space: `completed` and `!completed`.
+const CONFIG_SIZE: usize = 8;
 /// Most bytes echoed per chain.
 const MAX_ECHO: usize = 64 * 1024;
 
@@ -191,9 +193,13 @@ impl VirtioDevice for EchoDevice {
         self.stats.acked.lock().unwrap().push(features);
     }
 
+    fn config_size(&self) -> usize {
+        CONFIG_SIZE
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config.lock().unwrap();
-        let mut bytes = [0u8; 8];
+        let mut bytes = [0u8; CONFIG_SIZE];
         bytes[..4].copy_from_slice(&config.completed.to_le_bytes());
         bytes[4..].copy_from_slice(&(!config.completed).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {

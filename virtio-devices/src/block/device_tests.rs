@@ -85,6 +85,7 @@ fn config_space_layout() {
         rig.block.read_config(at, &mut b);
         b
     };
+    assert_eq!(rig.block.config_size(), 60);
     assert_eq!(read(0, 8), 1000u64.to_le_bytes());
     assert_eq!(read(12, 4), 254u32.to_le_bytes());
     assert_eq!(read(20, 4), 512u32.to_le_bytes());

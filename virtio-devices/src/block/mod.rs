@@ -243,6 +243,10 @@ impl VirtioDevice for Block {
         self.acked_features = features & self.avail_features;
     }
 
+    fn config_size(&self) -> usize {
+        self.config_space.len()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         config::read_config_bytes(&self.config_space, offset, data);
     }

@@ -42,7 +42,7 @@ pub const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 /// cols, rows, max_nr_ports, emerg_wr.
-const CONFIG_SPACE_LEN: usize = 12;
+const CONFIG_SPACE_SIZE: usize = 12;
 /// Bytes copied per step between guest memory and the host.
 const CHUNK: usize = 4096;
 
@@ -206,8 +206,12 @@ impl VirtioDevice for Console {
         self.acked_features = features & self.features();
     }
 
+    fn config_size(&self) -> usize {
+        CONFIG_SPACE_SIZE
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; CONFIG_SPACE_LEN];
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
         if let Some((cols, rows)) = self.size {
             config[0..2].copy_from_slice(&cols.to_le_bytes());
             config[2..4].copy_from_slice(&rows.to_le_bytes());

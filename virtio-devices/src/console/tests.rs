@@ -103,6 +103,7 @@ fn features_and_config_space() {
     assert_eq!(plain.features() & (1 << VIRTIO_CONSOLE_F_SIZE), 0);
     assert_ne!(plain.features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
     assert_ne!(plain.features() & (1 << VIRTIO_RING_F_INDIRECT_DESC), 0);
+    assert_eq!(plain.config_size(), 12);
     let mut config = [0xffu8; 16];
     plain.read_config(0, &mut config);
     assert_eq!(config, [0; 16]);

@@ -17,7 +17,7 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_PAIRS: u16 = 64;
 /// Bytes of configuration space we implement: mac, status,
 /// max_virtqueue_pairs, mtu.
-pub(crate) const CONFIG_SPACE_LEN: usize = 12;
+pub(crate) const CONFIG_SPACE_SIZE: usize = 12;
 
 /// An Ethernet MAC address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,8 +160,8 @@ pub(crate) fn validate_queue_pairs(pairs: usize) -> Result<(), String> {
 
 /// The configuration space: `mac` @0, `status` @6 (link always up),
 /// `max_virtqueue_pairs` @8, `mtu` @10, all little-endian.
-pub(crate) fn config_space(mac: MacAddr, queue_pairs: u16, mtu: u16) -> [u8; CONFIG_SPACE_LEN] {
-    let mut config = [0u8; CONFIG_SPACE_LEN];
+pub(crate) fn config_space(mac: MacAddr, queue_pairs: u16, mtu: u16) -> [u8; CONFIG_SPACE_SIZE] {
+    let mut config = [0u8; CONFIG_SPACE_SIZE];
     config[0..6].copy_from_slice(&mac.bytes());
     // VIRTIO_NET_S_LINK_UP is bit 0; the status field is 16 bits wide.
     config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());

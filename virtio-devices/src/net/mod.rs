@@ -195,6 +195,10 @@ impl VirtioDevice for Net {
         self.acked_features = features & self.avail_features;
     }
 
+    fn config_size(&self) -> usize {
+        config::CONFIG_SPACE_SIZE
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = config::config_space(self.mac, self.queue_pairs(), DEFAULT_MTU);
         read_config_bytes(&config, offset, data);

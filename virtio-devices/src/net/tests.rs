@@ -179,6 +179,7 @@ fn features_queues_and_config_space() {
     assert_eq!(h.net.queue_max_sizes(), &[RING_SIZE, RING_SIZE]);
     assert_eq!(h.net.config_generation(), 0);
 
+    assert_eq!(h.net.config_size(), 12);
     let mut config = [0xffu8; 16];
     h.net.read_config(0, &mut config);
     assert_eq!(&config[..6], &[0x02, 0, 0, 0, 0, 0x42]);

@@ -104,6 +104,9 @@ pub enum VirtioPciError {
         /// The rejected maximum size.
         size: u16,
     },
+    /// The device configuration space does not fit in its BAR region.
+    #[error("device configuration space of {0} bytes, at most {DEVICE_CONFIG_MAX_SIZE} fit")]
+    ConfigSpaceTooLarge(usize),
     /// The device type does not fit in a PCI device ID.
     #[error("virtio device type {0} has no PCI device ID")]
     InvalidDeviceType(u32),

@@ -38,21 +38,6 @@ pub fn msix_vector_count(device: &dyn VirtioDevice) -> u16 {
     (queues + 1) as u16
 }
 
-/// Size of the device configuration a driver may expect, by device type:
-/// the virtio 1.2 structure sizes, rounded up to dwords, or `None` for
-/// devices without one. The `VirtioDevice` trait does not say; bytes past
-/// a device's real configuration read as zero.
-fn device_config_len(device_type: u32) -> Option<u32> {
-    match device_type {
-        device_type::NET => Some(24),
-        // virtio_blk_config through the zoned characteristics.
-        device_type::BLOCK => Some(96),
-        device_type::CONSOLE => Some(12),
-        device_type::RNG => None,
-        _ => Some(0x100),
-    }
-}
-
 fn class_code(device_type: u32) -> (PciClassCode, u8) {
     match device_type {
         device_type::NET => (PciClassCode::NetworkController, 0x00),
@@ -129,13 +114,21 @@ impl VirtioPciDevice {
         intx: Option<Arc<dyn IntxInterrupt>>,
         bar_addr: u64,
     ) -> Result<Self, VirtioPciError> {
-        let (dev_type, max_sizes) = {
+        let (dev_type, max_sizes, config_size) = {
             let d = lock(&device);
-            (d.device_type(), d.queue_max_sizes().to_vec())
+            (
+                d.device_type(),
+                d.queue_max_sizes().to_vec(),
+                d.config_size(),
+            )
         };
         if max_sizes.len() > MAX_QUEUES {
             return Err(VirtioPciError::TooManyQueues(max_sizes.len()));
         }
+        let device_config_len = u64::try_from(config_size)
+            .ok()
+            .filter(|len| *len <= DEVICE_CONFIG_MAX_SIZE)
+            .ok_or(VirtioPciError::ConfigSpaceTooLarge(config_size))?;
         let mut queues = Vec::with_capacity(max_sizes.len());
         for (index, &size) in max_sizes.iter().enumerate() {
             let queue =
@@ -196,12 +189,11 @@ impl VirtioPciDevice {
             NOTIFY_OFF_MULTIPLIER,
         ))?;
         config.add_capability(&cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_SIZE))?;
-        let device_config_len = device_config_len(dev_type);
-        if let Some(len) = device_config_len {
+        if device_config_len > 0 {
             config.add_capability(&cap(
                 VIRTIO_PCI_CAP_DEVICE_CFG,
                 DEVICE_CONFIG_OFFSET,
-                len.into(),
+                device_config_len,
             ))?;
         }
         let cfg_cap = config.add_capability(&VirtioPciCap::pci_cfg())?;
@@ -223,7 +215,7 @@ impl VirtioPciDevice {
             interrupt,
             msix_cap,
             cfg_cap,
-            device_config_len: device_config_len.map_or(0, u64::from),
+            device_config_len,
         })
     }
 

@@ -68,6 +68,9 @@ pub(super) struct MockState {
 pub(super) struct MockDevice {
     pub device_type: u32,
     pub sizes: Vec<u16>,
+    /// Bytes of configuration space the device claims (its contents, in
+    /// [`MockState::config`], may be shorter or longer).
+    pub config_size: usize,
     pub features: u64,
     pub queue_reset: bool,
     pub state: Arc<Mutex<MockState>>,
@@ -78,6 +81,8 @@ impl MockDevice {
         MockDevice {
             device_type,
             sizes: sizes.to_vec(),
+            // As large as a virtio-net configuration.
+            config_size: 24,
             features,
             queue_reset: false,
             state: Arc::new(Mutex::new(MockState {
@@ -104,6 +109,9 @@ impl VirtioDevice for MockDevice {
     }
     fn ack_features(&mut self, features: u64) {
         self.state().acked.push(features);
+    }
+    fn config_size(&self) -> usize {
+        self.config_size
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let state = self.state();

@@ -114,7 +114,9 @@ fn virtio_capabilities_describe_the_bar_layout() {
 
 #[test]
 fn rng_has_no_device_config_capability() {
-    let mut h = Harness::with_device(MockDevice::new(4, &[64], 0));
+    let mut rng = MockDevice::new(4, &[64], 0);
+    rng.config_size = 0;
+    let mut h = Harness::with_device(rng);
     assert!(h.virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG).is_none());
     assert!(h.virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG).is_some());
     assert_eq!(h.r32(DEVICE_CONFIG_OFFSET), 0);
@@ -307,7 +309,7 @@ fn device_config_is_bounded_by_its_capability() {
     assert_eq!(h.r32(DEVICE_CONFIG_OFFSET), 0x0302_0100);
     assert_eq!(h.r8(DEVICE_CONFIG_OFFSET + 5), 5);
     assert_eq!(h.r64(DEVICE_CONFIG_OFFSET + 8), 0x0f0e_0d0c_0b0a_0908);
-    // Net: 24 bytes; beyond that zeros even if the device had more.
+    // The mock says 24 bytes; beyond that zeros even if it had more.
     h.state().config = vec![0xaa; 64];
     assert_eq!(h.r32(DEVICE_CONFIG_OFFSET + 20), 0xaaaa_aaaa);
     assert_eq!(h.r64(DEVICE_CONFIG_OFFSET + 20), 0xaaaa_aaaa);
@@ -407,6 +409,12 @@ fn construction_rejects_bad_devices() {
     assert!(matches!(
         build(MockDevice::new(0x1_0000, &[8], 0), BAR),
         Err(VirtioPciError::InvalidDeviceType(_))
+    ));
+    let mut huge = MockDevice::new(1, &[8], 0);
+    huge.config_size = DEVICE_CONFIG_MAX_SIZE as usize + 1;
+    assert!(matches!(
+        build(huge, BAR),
+        Err(VirtioPciError::ConfigSpaceTooLarge(_))
     ));
     assert!(matches!(
         build(MockDevice::new(1, &[8], 0), BAR + 0x1000),
