@@ -131,3 +131,33 @@ pub trait VirtioDevice: Send {
         0
     }
 }
+
+/// Copies `config[offset..]` into `data`, for [`VirtioDevice::read_config`]:
+/// bytes past the end of `config` (or an offset beyond it) read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded_and_zero_filled() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 3];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0]);
+        read_config_bytes(&config, 10, &mut data);
+        assert_eq!(data, [0, 0, 0]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0, 0, 0]);
+    }
+}

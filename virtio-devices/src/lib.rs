@@ -10,6 +10,7 @@ pub mod block;
 pub mod console;
 mod device;
 pub mod net;
+mod queue;
 pub mod rng;
 pub mod transport;
 pub mod worker;
@@ -19,6 +20,7 @@ pub use device::{
     VirtioInterruptType, DEVICE_ACKNOWLEDGE, DEVICE_DRIVER, DEVICE_DRIVER_OK, DEVICE_FAILED,
     DEVICE_FEATURES_OK, DEVICE_NEEDS_RESET,
 };
+pub use queue::{QueueError, QueueOutcome};
 
 /// virtio device IDs (virtio 1.2 §5).
 pub mod device_type {

@@ -12,11 +12,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 
-use crate::block::{drain_queue, QueueOutcome};
 use crate::device::{
     ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
 };
+use crate::queue::{drain_queue, interrupt_queue, QueueOutcome};
 use crate::worker::{DeviceWorker, WorkerHandler};
 
 /// Size of the single request queue.
@@ -257,9 +256,7 @@ impl WorkerHandler for RngHandler {
         let mem = self.mem.memory();
         let outcome = self.filler.process_queue(&mem, &mut q.queue);
         if outcome.notify {
-            if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(index)) {
-                log::error!("virtio-rng: cannot interrupt: {e}");
-            }
+            interrupt_queue(self.interrupt.as_ref(), index);
         }
         if let Some(e) = outcome.error {
             log::error!("virtio-rng: queue stopped until reset: {e}");
@@ -286,7 +283,7 @@ impl RngFiller {
     }
 
     fn process_queue(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> QueueOutcome {
-        drain_queue(mem, queue, |chain| self.fill_chain(mem, chain))
+        drain_queue(queue, mem, |chain| self.fill_chain(mem, chain))
     }
 
     /// Fills the chain's device-writable buffers in order, up to
@@ -360,6 +357,7 @@ mod tests {
 
     use super::*;
     use crate::block::test_ring::{Desc, TestRing, F_INDIRECT, F_NEXT, F_WRITE};
+    use crate::VirtioInterruptType;
 
     const MEM_SIZE: usize = 0x10_0000;
     const BUF: u64 = 0x1_0000;

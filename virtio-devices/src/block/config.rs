@@ -147,16 +147,3 @@ fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
         dst.copy_from_slice(bytes);
     }
 }
-
-/// Copies `space[offset..]` into `data`; bytes past the end of `space`
-/// (or an offset beyond it) read as zero.
-pub(crate) fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(src) = space.get(start..) {
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
-    }
-}

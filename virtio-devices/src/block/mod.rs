@@ -14,7 +14,6 @@ mod config;
 #[cfg(test)]
 mod device_tests;
 mod disk;
-mod queue;
 mod request;
 #[cfg(test)]
 pub(crate) mod test_ring;
@@ -35,15 +34,15 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{
-    ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
+    read_config_bytes, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,
+    VirtioInterrupt,
 };
+use crate::queue::interrupt_queue;
 use crate::worker::{DeviceWorker, WorkerHandler};
 use config::{BlockConfigSpace, Topology};
 use disk::Disk;
 
-pub(crate) use queue::drain_queue;
-pub use queue::{QueueError, QueueOutcome};
+pub use crate::queue::{QueueError, QueueOutcome};
 pub use request::BlockRequestProcessor;
 
 /// The virtio-blk logical block size; request sectors are always in these
@@ -248,7 +247,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        config::read_config_bytes(&self.config_space, offset, data);
+        read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -400,9 +399,7 @@ impl BlockHandler {
         }
         let outcome = self.processor.process_queue(mem, &mut slot.queue);
         if outcome.notify {
-            if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(index)) {
-                log::error!("virtio-blk: cannot interrupt for queue {index}: {e}");
-            }
+            interrupt_queue(self.interrupt.as_ref(), index);
         }
         if let Some(e) = outcome.error {
             log::error!("virtio-blk: queue {index} stopped until reset: {e}");

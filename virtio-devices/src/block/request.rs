@@ -19,8 +19,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use super::disk::{Disk, ID_BYTES};
-use super::queue::{drain_queue, QueueOutcome};
 use super::SECTOR_SIZE;
+use crate::queue::{drain_queue, QueueOutcome};
 
 /// `struct virtio_blk_req` header: type u32, reserved u32, sector u64.
 const HEADER_LEN: u64 = 16;
@@ -97,7 +97,7 @@ impl BlockRequestProcessor {
     /// ring. The caller interrupts the driver if `notify` is set and stops
     /// using the queue if `error` is.
     pub fn process_queue(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> QueueOutcome {
-        drain_queue(mem, queue, |chain| self.process_chain(mem, chain))
+        drain_queue(queue, mem, |chain| self.process_chain(mem, chain))
     }
 
     /// Performs one request; returns the used length (data bytes written

@@ -23,9 +23,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 
-use crate::net::chain::{
-    add_used, collect_bufs, read_config_bytes, rearm, signal_used, write_to_bufs, GuestBuf,
-};
+use crate::device::read_config_bytes;
+use crate::queue::{add_used, collect_bufs, rearm, signal_used, write_to_bufs, GuestBuf};
 use crate::worker::{DeviceWorker, WorkerHandler};
 use crate::{
     device_type, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,

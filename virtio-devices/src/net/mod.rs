@@ -7,7 +7,6 @@
 //! the guest left undone. The link is always up and the configuration space
 //! never changes after creation.
 
-pub(crate) mod chain;
 mod config;
 mod rxtx;
 mod tap;
@@ -30,12 +29,12 @@ pub use config::{
 pub use rxtx::MAX_FRAME_LEN;
 pub use tap::{NetBackend, Tap, TapError, VNET_HDR_LEN};
 
+use crate::device::read_config_bytes;
 use crate::worker::DeviceWorker;
 use crate::{
     device_type, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,
     VirtioInterrupt,
 };
-use chain::read_config_bytes;
 use rxtx::{BackendState, NetHandler};
 
 /// Why a network device could not be created.

@@ -18,11 +18,11 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use super::chain::{
+use super::tap::{NetBackend, VNET_HDR_LEN};
+use crate::queue::{
     add_used, collect_bufs, collect_split, read_from_bufs, rearm, signal_used, write_to_bufs,
     ChainBufs,
 };
-use super::tap::{NetBackend, VNET_HDR_LEN};
 use crate::worker::WorkerHandler;
 use crate::{GuestMemoryMmapAtomic, VirtioInterrupt};
 

@@ -1,10 +1,21 @@
-//! Descriptor-chain helpers shared by the network and console devices.
+//! Serving split virtqueues, for every device: validating descriptor chains
+//! and copying between their buffers and the host, putting chains on the
+//! used ring, deciding when to interrupt the driver and re-arming its
+//! notifications.
 //!
-//! Every chain is validated as a whole before the device acts on it, so that
-//! a hostile chain is rejected without side effects (no half-written frame
-//! on the tap, no half-consumed console input).
+//! Two ways to serve a queue:
+//! - [`drain_queue`] answers every available chain on the spot, with driver
+//!   notifications suppressed meanwhile, and stops using a ring the driver
+//!   broke ([`QueueOutcome::error`]); block and rng work this way.
+//! - Devices that move data when the host side is ready (net, console) pop
+//!   chains themselves, validate each as a whole with [`collect_bufs`] or
+//!   [`collect_split`] before acting on it, so that a hostile chain is
+//!   rejected without side effects (no half-written frame on the tap, no
+//!   half-consumed console input), complete them with [`add_used`] and
+//!   interrupt with [`signal_used`], and [`rearm`] notifications when they
+//!   run out of chains.
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{VirtioInterrupt, VirtioInterruptType};
@@ -176,15 +187,50 @@ pub(crate) fn rearm(
     })
 }
 
-/// Puts `head` in the used ring with `len` bytes written; a failure (bad
-/// head index from the driver, used ring outside memory) is only logged.
+/// Puts `head` in the used ring with `len` bytes written; returns whether
+/// it is there. A failure (bad head index from the driver, used ring
+/// outside memory) is only logged.
 pub(crate) fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    try_add_used(queue, mem, head, len).unwrap_or_else(|e| {
+        log::warn!("cannot add descriptor {head} to the used ring: {e}");
+        false
+    })
+}
+
+/// Puts `head` in the used ring with `len` bytes written. A head index out
+/// of range is dropped (`Ok(false)`) rather than breaking the queue: it is
+/// the driver's own malformed entry. A used ring that cannot be written is
+/// an error.
+fn try_add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<bool, QueueError> {
     match queue.add_used(mem, head, len) {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("cannot add descriptor {head} to the used ring: {e}");
-            false
+        Ok(()) => Ok(true),
+        Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+            log::warn!("available ring names descriptor {head}, beyond the queue; dropped");
+            Ok(false)
         }
+        Err(e) => Err(QueueError::UsedRing(e)),
+    }
+}
+
+/// Whether the driver asked to be interrupted for the used buffers added
+/// since the last interrupt (always, without VIRTIO_RING_F_EVENT_IDX).
+fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    queue.needs_notification(mem).unwrap_or_else(|e| {
+        // Interrupting too often is harmless; not at all could hang the guest.
+        log::warn!("cannot read used_event: {e}");
+        true
+    })
+}
+
+/// Raises the interrupt of queue `index`; a failure is only logged.
+pub(crate) fn interrupt_queue(interrupt: &dyn VirtioInterrupt, index: u16) {
+    if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
+        log::error!("cannot raise the interrupt of queue {index}: {e}");
     }
 }
 
@@ -196,43 +242,95 @@ pub(crate) fn signal_used(
     interrupt: &dyn VirtioInterrupt,
     index: u16,
 ) {
-    let needed = queue.needs_notification(mem).unwrap_or_else(|e| {
-        // Interrupting too often is harmless; not at all could hang the guest.
-        log::warn!("cannot read used_event of queue {index}: {e}");
-        true
-    });
-    if needed {
-        if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
-            log::error!("cannot raise the interrupt of queue {index}: {e}");
+    if wants_interrupt(queue, mem) {
+        interrupt_queue(interrupt, index);
+    }
+}
+
+/// A queue the driver left in a state the device cannot work with; the
+/// device stops processing it until it is reset.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The available ring could not be read, or its index is impossible.
+    #[error("cannot read the available ring: {0}")]
+    AvailRing(virtio_queue::Error),
+    /// The used ring could not be written.
+    #[error("cannot write the used ring: {0}")]
+    UsedRing(virtio_queue::Error),
+    /// The available index announces chains whose ring entries cannot be
+    /// read.
+    #[error("available ring entries are unreadable")]
+    Stuck,
+}
+
+/// What one pass over a queue did.
+#[derive(Debug, Default)]
+pub struct QueueOutcome {
+    /// Chains put on the used ring.
+    pub completed: usize,
+    /// Whether the driver asked to be interrupted for them (always true
+    /// without VIRTIO_RING_F_EVENT_IDX if anything completed).
+    pub notify: bool,
+    /// Set when the queue is broken: the device must stop using it. Chains
+    /// completed before the error are still counted above.
+    pub error: Option<QueueError>,
+}
+
+/// Processes every chain the driver made available on `queue`.
+///
+/// `handle` performs one request and returns the used length (bytes it
+/// wrote into device-writable buffers). Driver notifications are
+/// suppressed while draining, and the ring is re-checked after they are
+/// re-enabled so no chain published in between is missed.
+pub(crate) fn drain_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut handle: F,
+) -> QueueOutcome
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut outcome = QueueOutcome::default();
+    // Passes that found nothing although the index said otherwise. One can
+    // be a race with the driver publishing; two in a row mean the ring
+    // entries themselves are unreadable.
+    let mut idle_passes = 0;
+    let result = (|| -> Result<(), QueueError> {
+        loop {
+            queue
+                .disable_notification(mem)
+                .map_err(QueueError::UsedRing)?;
+            let mut progressed = false;
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => return Err(QueueError::AvailRing(e)),
+                };
+                let Some(chain) = chain else { break };
+                progressed = true;
+                let head = chain.head_index();
+                let len = handle(chain);
+                if try_add_used(queue, mem, head, len)? {
+                    outcome.completed += 1;
+                }
+            }
+            if !queue
+                .enable_notification(mem)
+                .map_err(QueueError::UsedRing)?
+            {
+                return Ok(());
+            }
+            idle_passes = if progressed { 0 } else { idle_passes + 1 };
+            if idle_passes >= 2 {
+                return Err(QueueError::Stuck);
+            }
         }
+    })();
+    if let Err(e) = result {
+        outcome.error = Some(e);
     }
-}
-
-/// Copies `config[offset..]` into `data`; bytes past the end read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(src) = config.get(start..) {
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+    if outcome.completed > 0 {
+        outcome.notify = wants_interrupt(queue, mem);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_reads_are_bounded_and_zero_filled() {
-        let config = [1u8, 2, 3, 4];
-        let mut data = [0xffu8; 3];
-        read_config_bytes(&config, 2, &mut data);
-        assert_eq!(data, [3, 4, 0]);
-        read_config_bytes(&config, 10, &mut data);
-        assert_eq!(data, [0, 0, 0]);
-        read_config_bytes(&config, u64::MAX, &mut data);
-        assert_eq!(data, [0, 0, 0]);
-    }
+    outcome
 }
