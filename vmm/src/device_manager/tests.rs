@@ -558,6 +558,9 @@ impl VirtioDevice for FakeVirtio {
         1 << 32
     }
     fn ack_features(&mut self, _features: u64) {}
+    fn config_size(&self) -> usize {
+        0
+    }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
