@@ -247,6 +247,44 @@ pub(crate) fn signal_used(
     }
 }
 
+/// Completes every chain available on queue `index` with `serve`, which
+/// returns the used length, or `None` when the device cannot take the chain
+/// yet: the chain is then put back and serving stops until the device
+/// calls again. Otherwise, once the ring is empty, notifications are
+/// re-armed (see [`rearm`]). Interrupts the driver at the end if anything
+/// was used and it asked for that.
+pub(crate) fn serve_chains(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+) {
+    let mut used = false;
+    let mut fruitless = 0;
+    'rounds: loop {
+        let mut progress = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            progress = true;
+            let head = chain.head_index();
+            let Some(len) = serve(chain) else {
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                break 'rounds;
+            };
+            used |= add_used(queue, mem, head, len);
+        }
+        if !progress {
+            fruitless += 1;
+        }
+        if !rearm(queue, mem, queue.next_avail(), fruitless) {
+            break;
+        }
+    }
+    if used {
+        signal_used(queue, mem, interrupt, index);
+    }
+}
+
 /// A queue the driver left in a state the device cannot work with; the
 /// device stops processing it until it is reset.
 #[derive(Debug, thiserror::Error)]

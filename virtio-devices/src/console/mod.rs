@@ -24,7 +24,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 
 use crate::device::read_config_bytes;
-use crate::queue::{add_used, collect_bufs, rearm, signal_used, write_to_bufs, GuestBuf};
+use crate::queue::{
+    add_used, collect_bufs, rearm, serve_chains, signal_used, write_to_bufs, GuestBuf,
+};
 use crate::worker::{DeviceWorker, WorkerHandler};
 use crate::{
     device_type, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,
@@ -388,42 +390,28 @@ impl ConsoleHandler {
             return;
         };
         let mem = self.mem.memory();
-        let mut used = false;
-        let mut fruitless = 0;
-        loop {
-            let mut progress = false;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                progress = true;
-                let head = chain.head_index();
-                match collect_bufs(&mem, chain, false, usize::MAX) {
-                    Ok(bufs) => {
-                        let result = match self.output.lock() {
-                            Ok(mut out) => write_output(&mem, &bufs.bufs, out.as_mut()),
-                            Err(_) => Err(io::Error::other("output lock poisoned")),
-                        };
-                        match result {
-                            Ok(()) => self.output_failing = false,
-                            Err(e) if !self.output_failing => {
-                                log::warn!("virtio-console: output failed: {e}");
-                                self.output_failing = true;
-                            }
-                            Err(_) => {}
+        serve_chains(queue, &mem, self.interrupt.as_ref(), TX_QUEUE, |chain| {
+            let head = chain.head_index();
+            match collect_bufs(&mem, chain, false, usize::MAX) {
+                Ok(bufs) => {
+                    let result = match self.output.lock() {
+                        Ok(mut out) => write_output(&mem, &bufs.bufs, out.as_mut()),
+                        Err(_) => Err(io::Error::other("output lock poisoned")),
+                    };
+                    match result {
+                        Ok(()) => self.output_failing = false,
+                        Err(e) if !self.output_failing => {
+                            log::warn!("virtio-console: output failed: {e}");
+                            self.output_failing = true;
                         }
+                        Err(_) => {}
                     }
-                    Err(e) => log::debug!("virtio-console: tx chain {head} dropped: {e}"),
                 }
-                used |= add_used(queue, &mem, head, 0);
+                Err(e) => log::debug!("virtio-console: tx chain {head} dropped: {e}"),
             }
-            if !progress {
-                fruitless += 1;
-            }
-            if !rearm(queue, &mem, queue.next_avail(), fruitless) {
-                break;
-            }
-        }
-        if used {
-            signal_used(queue, &mem, self.interrupt.as_ref(), TX_QUEUE);
-        }
+            // The device writes nothing into transmit buffers.
+            Some(0)
+        });
     }
 }
 

@@ -20,8 +20,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use crate::queue::{
-    add_used, collect_bufs, collect_split, read_from_bufs, rearm, signal_used, write_to_bufs,
-    ChainBufs,
+    add_used, collect_bufs, collect_split, read_from_bufs, rearm, serve_chains, signal_used,
+    write_to_bufs, ChainBufs,
 };
 use crate::worker::WorkerHandler;
 use crate::{GuestMemoryMmapAtomic, VirtioInterrupt};
@@ -159,48 +159,36 @@ impl NetHandler {
         };
         state.tx_blocked = false;
         let mem = self.mem.memory();
-        let mut used = false;
-        let mut fruitless = 0;
-        'rounds: loop {
-            let mut progress = false;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                progress = true;
+        let tx_buf = &mut self.tx_buf;
+        serve_chains(
+            queue,
+            &mem,
+            self.interrupt.as_ref(),
+            tx_index(pair),
+            |chain| {
                 let head = chain.head_index();
-                let bufs = collect_bufs(&mem, chain, false, MAX_FRAME_LEN);
-                match bufs {
+                match collect_bufs(&mem, chain, false, MAX_FRAME_LEN) {
                     Ok(bufs) if bufs.total >= VNET_HDR_LEN => {
-                        self.tx_buf.clear();
-                        if let Err(e) = read_from_bufs(&mem, &bufs.bufs, &mut self.tx_buf) {
+                        tx_buf.clear();
+                        if let Err(e) = read_from_bufs(&mem, &bufs.bufs, tx_buf) {
                             log::debug!("virtio-net: tx chain {head} unreadable: {e}");
-                        } else if let Err(e) = send_frame(state.backend.as_ref(), &self.tx_buf) {
+                        } else if let Err(e) = send_frame(state.backend.as_ref(), tx_buf) {
                             if e.kind() == io::ErrorKind::WouldBlock {
-                                // Put the chain back and wait for the
-                                // backend to become writable.
-                                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                                // Put the chain back and wait for the backend
+                                // to become writable.
                                 state.tx_blocked = true;
-                                break 'rounds;
+                                return None;
                             }
                             log::debug!("virtio-net: backend {pair} dropped a frame: {e}");
                         }
                     }
-                    Ok(bufs) => {
-                        log::debug!("virtio-net: tx chain {head} of {} bytes", bufs.total)
-                    }
+                    Ok(bufs) => log::debug!("virtio-net: tx chain {head} of {} bytes", bufs.total),
                     Err(e) => log::debug!("virtio-net: tx chain {head} dropped: {e}"),
                 }
                 // The device writes nothing into transmit buffers.
-                used |= add_used(queue, &mem, head, 0);
-            }
-            if !progress {
-                fruitless += 1;
-            }
-            if !rearm(queue, &mem, queue.next_avail(), fruitless) {
-                break;
-            }
-        }
-        if used {
-            signal_used(queue, &mem, self.interrupt.as_ref(), tx_index(pair));
-        }
+                Some(0)
+            },
+        );
     }
 
     /// Answers every available control command.
@@ -209,34 +197,18 @@ impl NetHandler {
             return;
         };
         let mem = self.mem.memory();
-        let mut used = false;
-        let mut fruitless = 0;
+        let interrupt = Arc::clone(&self.interrupt);
         let pairs_before = self.active_pairs;
-        loop {
-            let mut progress = false;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                progress = true;
-                let head = chain.head_index();
-                let len = match collect_split(&mem, chain, MAX_CTRL_LEN, usize::MAX) {
-                    Ok((command, reply)) => self.control_command(&mem, &command, &reply),
-                    Err(e) => {
-                        log::debug!("virtio-net: control chain {head} dropped: {e}");
-                        0
-                    }
-                };
-                used |= add_used(&mut queue, &mem, head, len);
-            }
-            if !progress {
-                fruitless += 1;
-            }
-            let seen = queue.next_avail();
-            if !rearm(&mut queue, &mem, seen, fruitless) {
-                break;
-            }
-        }
-        if used {
-            signal_used(&mut queue, &mem, self.interrupt.as_ref(), index);
-        }
+        serve_chains(&mut queue, &mem, interrupt.as_ref(), index, |chain| {
+            let head = chain.head_index();
+            Some(match collect_split(&mem, chain, MAX_CTRL_LEN, usize::MAX) {
+                Ok((command, reply)) => self.control_command(&mem, &command, &reply),
+                Err(e) => {
+                    log::debug!("virtio-net: control chain {head} dropped: {e}");
+                    0
+                }
+            })
+        });
         self.ctrl = Some((index, queue));
         if self.active_pairs != pairs_before {
             // Routing changed: pending frames may now have a queue with room.
