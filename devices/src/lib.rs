@@ -1,8 +1,10 @@
 //! Buses that route guest port I/O and MMIO accesses to emulated devices,
-//! and the legacy devices a PC guest expects (8250 UART, i8042 reset line).
+//! and the legacy devices a PC guest expects (8250 UART, i8042 reset line,
+//! ACPI power management), plus a debug exit port for test guests.
 
 pub mod acpi_pm;
 mod bus;
+pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
 

@@ -2,7 +2,8 @@
 //! and runs the VM.
 //!
 //! Exit status: 0 when the guest powered off, 1 when the VM could not be
-//! built or failed, 2 for a bad command line. Every failure is reported as
+//! built or failed, 2 for a bad command line; a guest that ends the VM
+//! through the debug exit port (0xf4) chooses the status itself. Every failure is reported as
 //! one line on stderr, `trellis: error: ...`, with the error's causes
 //! joined by ": ".
 
@@ -64,9 +65,13 @@ fn main() -> ExitCode {
     }
     let _stdin = StdinFlags::save();
     match run(&config) {
-        Ok(()) => {
+        Ok(None) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
+        }
+        Ok(Some(status)) => {
+            log::info!("guest ended the VM with status {status} through the debug exit port");
+            ExitCode::from(status)
         }
         Err(e) => {
             report(e.as_ref());
@@ -123,8 +128,9 @@ fn report(e: &dyn Error) {
 }
 
 /// Builds the VM described by `config` and runs it until the guest powers
-/// off (`Ok`) or the VM ends any other way (`Err`).
-fn run(config: &VmConfig) -> Result<(), Box<dyn Error>> {
+/// off (`Ok`, with the status written to the debug exit port if the guest
+/// used it) or the VM ends any other way (`Err`).
+fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
     let mut vm = Vm::new(PlatformConfig {
         kernel: config.kernel.clone(),
         initramfs: config.initramfs.clone(),
@@ -134,6 +140,7 @@ fn run(config: &VmConfig) -> Result<(), Box<dyn Error>> {
     })?;
     let mut devices = DeviceManager::new(vm.vm_fd(), vm.ram_end())?;
     devices.add_legacy_devices(&config.serial, vm.reset_evt()?)?;
+    let debug_exit = devices.add_debug_exit(vm.poweroff_evt()?)?;
     devices.create_devices(config, vm.guest_memory())?;
     vm.setup(&VmDevices {
         io_bus: devices.io_bus().clone(),
@@ -145,7 +152,7 @@ fn run(config: &VmConfig) -> Result<(), Box<dyn Error>> {
     let status = vm.run();
     devices.shutdown();
     match status? {
-        VmExitStatus::PowerOff => Ok(()),
+        VmExitStatus::PowerOff => Ok(debug_exit.get()),
         VmExitStatus::Reset => {
             Err("the guest reset the VM (trellis does not restart guests)".into())
         }

@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use devices::debug_exit::{DebugExit, DebugExitStatus, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use devices::i8042::{I8042Device, I8042_BASE, I8042_LEN};
 use devices::serial::{Serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use devices::Bus;
@@ -160,4 +161,21 @@ impl EventSubscriber for SerialInput {
             debug!("serial input: stdin cannot be watched, no guest input: {e}");
         }
     }
+}
+
+/// Puts the debug exit port on 0xf4: a guest write ends the VM (through
+/// `exit_evt`) with the status the guest wrote.
+pub(crate) fn add_debug_exit(
+    io_bus: &Bus,
+    exit_evt: EventFd,
+) -> Result<DebugExitStatus, DeviceManagerError> {
+    let port = DebugExit::new(exit_evt);
+    let status = port.status();
+    io_bus
+        .insert(Arc::new(Mutex::new(port)), DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)
+        .map_err(|source| DeviceManagerError::Bus {
+            what: "debug exit port".to_string(),
+            source,
+        })?;
+    Ok(status)
 }

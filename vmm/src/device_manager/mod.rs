@@ -367,6 +367,15 @@ impl DeviceManager {
         legacy::add_i8042(&self.io_bus, reset_evt)
     }
 
+    /// Adds the debug exit port (0xf4) that test guests use to end the VM
+    /// with a status; `exit_evt` is the VM's power-off event.
+    pub fn add_debug_exit(
+        &mut self,
+        exit_evt: EventFd,
+    ) -> Result<devices::debug_exit::DebugExitStatus, DeviceManagerError> {
+        legacy::add_debug_exit(&self.io_bus, exit_evt)
+    }
+
     /// An MSI-X group of `vectors` vectors for device `id`.
     pub fn create_msix_group(
         &self,
