@@ -130,12 +130,13 @@ timeout "$timeout_s" "$qemu" "${cpu[@]}" -M q35 -m 256 -smp 1 \
 status=${PIPESTATUS[0]}
 set -e
 
-# isa-debug-exit: QEMU exits with (value << 1) | 1; the guest writes 0x10.
+# isa-debug-exit: QEMU exits with (value << 1) | 1; the guest writes 0 for
+# pass, 1 for fail.
 case $status in
-33) ;;
-35) fail "guest reported failure (exit port 0x11)" ;;
+1) ;;
+3) fail "guest reported failure (exit port value 1)" ;;
 124) fail "timed out after ${timeout_s}s" ;;
-*) fail "qemu exit status $status (expected 33)" ;;
+*) fail "qemu exit status $status (expected 1)" ;;
 esac
 
 result=$(grep -E '^RESULT ' "$serial" | tail -1 || true)

@@ -27,10 +27,11 @@ use serial::{Dec, Hex};
 
 /// Port the result is written to (QEMU's isa-debug-exit at iobase 0xf4).
 pub const EXIT_PORT: u16 = 0xf4;
-/// Written to the exit port when every check passed (QEMU exits with 0x21).
-pub const EXIT_PASS: u32 = 0x10;
-/// Written when any check failed (QEMU exits with 0x23).
-pub const EXIT_FAIL: u32 = 0x11;
+/// Written to the exit port when every check passed: trellis exits with
+/// status 0, QEMU with (0 << 1) | 1 = 1.
+pub const EXIT_PASS: u32 = 0;
+/// Written when any check failed: trellis exits with 1, QEMU with 3.
+pub const EXIT_FAIL: u32 = 1;
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
 
