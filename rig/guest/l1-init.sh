@@ -158,7 +158,8 @@ if [ "$MODE" = run ]; then
     cat /l2/console.out
     echo
     echo "RIG-L1-CONSOLE-END"
-    grep -qxF "RIG-HVC0 $PATTERN" /l2/console.out &&
+    # hvc0 is a tty: its output discipline turns "\n" into "\r\n".
+    tr -d '\r' </l2/console.out | grep -qxF "RIG-HVC0 $PATTERN" &&
         check l1.console-file ok "L2's hvc0 line reached /l2/console.out" ||
         check l1.console-file fail "'RIG-HVC0 <pattern>' not in /l2/console.out ($(wc -c </l2/console.out) bytes)"
 fi
