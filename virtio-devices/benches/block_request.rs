@@ -12,11 +12,15 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use virtio_devices::block::{Block, BlockConfig};
+// The crate-root names test_ring.rs takes through `crate::`.
+use virtio_devices::{
+    GuestMemoryMmapAtomic, QueueActivation, VirtioInterrupt, VirtioInterruptType,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
 #[allow(dead_code)]
-#[path = "../src/block/test_ring.rs"]
+#[path = "../src/test_ring.rs"]
 mod test_ring;
 
 use test_ring::{Desc, TestRing};
@@ -55,7 +59,7 @@ fn bench_reads(c: &mut Criterion) {
 
     // 32 read chains, each with its own header, 4 KiB buffer and status,
     // at sectors spread over the image.
-    let mut ring = TestRing::new(&mem, GuestAddress(0), QUEUE_SIZE);
+    let mut ring = TestRing::new(&mem, 0, QUEUE_SIZE);
     let mut heads = Vec::new();
     for i in 0..u64::from(MAX_DEPTH) {
         let sector = i * 64 * 8;

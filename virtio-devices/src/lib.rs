@@ -12,6 +12,8 @@ mod device;
 pub mod net;
 mod queue;
 pub mod rng;
+#[cfg(test)]
+mod test_ring;
 pub mod transport;
 pub mod worker;
 

@@ -348,15 +348,14 @@ impl RngFiller {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
 
-    use vm_memory::{GuestAddress, GuestMemoryAtomic};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vm_memory::GuestAddress;
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
-    use crate::block::test_ring::{Desc, TestRing, F_INDIRECT, F_NEXT, F_WRITE};
+    use crate::test_ring::{
+        atomic, wait_until, Desc, RecordingInterrupt, TestRing, F_INDIRECT, F_NEXT, F_WRITE,
+    };
     use crate::VirtioInterruptType;
 
     const MEM_SIZE: usize = 0x10_0000;
@@ -392,7 +391,7 @@ mod tests {
 
     /// Submits each chain in turn; returns the used lengths.
     fn run(mem: &GuestMemoryMmap, filler: &mut RngFiller, chains: &[&[Desc]]) -> Vec<u32> {
-        let mut ring = TestRing::new(mem, GuestAddress(0), 16);
+        let mut ring = TestRing::new(mem, 0, 16);
         let mut queue = ring.queue();
         for chain in chains {
             ring.add_chain(chain);
@@ -524,7 +523,7 @@ mod tests {
         assert!(used[4] as usize <= MAX_BYTES_PER_REQUEST);
 
         // Loops and bad indirect tables.
-        let ring = TestRing::new(&mem, GuestAddress(0), 16);
+        let ring = TestRing::new(&mem, 0, 16);
         let mut queue = ring.queue();
         ring.set_desc(
             0,
@@ -575,49 +574,26 @@ mod tests {
         assert_eq!(guest(&mem, BUF + 0x100, 1), [POISON]);
     }
 
-    #[derive(Default)]
-    struct Irq(Mutex<u32>);
-
-    impl VirtioInterrupt for Irq {
-        fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
-            assert_eq!(int_type, VirtioInterruptType::Queue(0));
-            *self.0.lock().unwrap() += 1;
-            Ok(())
-        }
-    }
-
-    fn wait_for(mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
     #[test]
     fn worker_serves_the_queue_and_queue_reset_works() {
         let mut rng = Rng::new("/dev/urandom".into()).unwrap();
         rng.ack_features(rng.features());
         let mem = memory();
-        let mut ring = TestRing::new(&mem, GuestAddress(0), 16);
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let irq = Arc::new(Irq::default());
-        let qa = QueueActivation {
-            index: 0,
-            queue: ring.queue(),
-            notifier: kick.try_clone().unwrap(),
-        };
-        rng.activate(GuestMemoryAtomic::new(mem.clone()), irq.clone(), vec![qa])
-            .unwrap();
+        let mut ring = TestRing::new(&mem, 0, 16);
+        let irq = Arc::new(RecordingInterrupt::default());
+        let (qa, kick) = ring.activation(0);
+        rng.activate(atomic(&mem), irq.clone(), vec![qa]).unwrap();
         ring.add_chain(&[Desc::w(BUF, 32)]);
         kick.write(1).unwrap();
-        wait_for(|| ring.used_idx() == 1);
+        assert!(ring.wait_used(1));
         assert_eq!(ring.used_elem(0).1, 32);
-        wait_for(|| *irq.0.lock().unwrap() == 1);
+        assert!(wait_until(
+            || *irq.fired.lock().unwrap() == [VirtioInterruptType::Queue(0)]
+        ));
 
         let qa = rng.reset_queue(0).expect("queue handed back");
         assert!(rng.reset_queue(0).is_none());
-        let mut ring = TestRing::new(&mem, GuestAddress(0x2000), 16);
+        let mut ring = TestRing::new(&mem, 0x2000, 16);
         let qa = QueueActivation {
             queue: ring.queue(),
             ..qa
@@ -625,16 +601,10 @@ mod tests {
         rng.enable_queue(qa).unwrap();
         ring.add_chain(&[Desc::w(BUF, 8)]);
         kick.write(1).unwrap();
-        wait_for(|| ring.used_idx() == 1);
+        assert!(ring.wait_used(1));
 
         rng.reset();
-        let bad = QueueActivation {
-            index: 1,
-            queue: ring.queue(),
-            notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
-        };
-        assert!(rng
-            .activate(GuestMemoryAtomic::new(mem), irq, vec![bad])
-            .is_err());
+        let (bad, _) = ring.activation(1);
+        assert!(rng.activate(atomic(&mem), irq, vec![bad]).is_err());
     }
 }

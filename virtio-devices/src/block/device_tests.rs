@@ -3,19 +3,17 @@
 
 use std::mem::offset_of;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::config::offset;
-use super::test_ring::{Desc, TestRing};
 use super::tests::{image, memory, pattern, Rig, DATA, HDR, STATUS, S_OK};
 use super::{Block, BlockConfig, BlockError};
-use crate::device::{QueueActivation, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use crate::device::{QueueActivation, VirtioDevice};
+use crate::test_ring::{atomic, wait_until, Desc, RecordingInterrupt, TestRing};
 
 fn bit(b: u32) -> u64 {
     1 << b
@@ -127,24 +125,6 @@ fn construction_errors() {
     }
 }
 
-#[derive(Default)]
-struct RecordingInterrupt(Mutex<Vec<VirtioInterruptType>>);
-
-impl VirtioInterrupt for RecordingInterrupt {
-    fn trigger(&self, int_type: VirtioInterruptType) -> std::io::Result<()> {
-        self.0.lock().unwrap().push(int_type);
-        Ok(())
-    }
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn worker_serves_queues_and_queue_reset_works() {
     let file = image(16 * 512);
@@ -154,30 +134,12 @@ fn worker_serves_queues_and_queue_reset_works() {
     let mut block = Block::new(config).unwrap();
     block.ack_features(block.features());
     let mem = memory();
-    let mut rings = [
-        TestRing::new(&mem, GuestAddress(0), 16),
-        TestRing::new(&mem, GuestAddress(0x1000), 16),
-    ];
-    let kicks: Vec<EventFd> = (0..2)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect();
-    let activations = rings
-        .iter()
-        .zip(&kicks)
-        .enumerate()
-        .map(|(i, (r, k))| QueueActivation {
-            index: i as u16,
-            queue: r.queue(),
-            notifier: k.try_clone().unwrap(),
-        })
-        .collect();
+    let mut rings = [TestRing::new(&mem, 0, 16), TestRing::new(&mem, 0x1000, 16)];
+    let (activations, kicks): (Vec<_>, Vec<_>) =
+        (0..2).zip(&rings).map(|(i, r)| r.activation(i)).unzip();
     let irq = Arc::new(RecordingInterrupt::default());
     block
-        .activate(
-            GuestMemoryAtomic::new(mem.clone()),
-            irq.clone(),
-            activations,
-        )
+        .activate(atomic(&mem), irq.clone(), activations)
         .unwrap();
 
     let mut header = [0u8; 16];
@@ -189,7 +151,7 @@ fn worker_serves_queues_and_queue_reset_works() {
     // Queue 1 is served and interrupts.
     rings[1].add_chain(&chain);
     kicks[1].write(1).unwrap();
-    wait_for("queue 1", || rings[1].used_idx() == 1);
+    assert!(rings[1].wait_used(1), "queue 1");
     assert_eq!(rings[1].used_elem(0).1, 513);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
     let mut data = [0u8; 512];
@@ -198,12 +160,7 @@ fn worker_serves_queues_and_queue_reset_works() {
         .iter()
         .enumerate()
         .all(|(i, b)| *b == pattern(3 * 512 + i as u64)));
-    wait_for("interrupt", || {
-        irq.0
-            .lock()
-            .unwrap()
-            .contains(&VirtioInterruptType::Queue(1))
-    });
+    assert!(wait_until(|| irq.count(1) > 0), "interrupt");
 
     // Reset queue 0: queue 1 keeps working, queue 0 is not served.
     let qa = block.reset_queue(0).expect("queue 0 handed back");
@@ -213,11 +170,11 @@ fn worker_serves_queues_and_queue_reset_works() {
     kicks[0].write(1).unwrap();
     rings[1].add_chain(&chain);
     kicks[1].write(1).unwrap();
-    wait_for("queue 1 again", || rings[1].used_idx() == 2);
+    assert!(rings[1].wait_used(2), "queue 1 again");
     assert_eq!(rings[0].used_idx(), 0);
 
     // Re-enable it (as the driver would, with a fresh ring) and use it.
-    rings[0] = TestRing::new(&mem, GuestAddress(0), 16);
+    rings[0] = TestRing::new(&mem, 0, 16);
     let again = QueueActivation {
         index: 0,
         queue: rings[0].queue(),
@@ -226,18 +183,14 @@ fn worker_serves_queues_and_queue_reset_works() {
     block.enable_queue(again).unwrap();
     rings[0].add_chain(&chain);
     kicks[0].write(1).unwrap();
-    wait_for("queue 0", || rings[0].used_idx() == 1);
+    assert!(rings[0].wait_used(1), "queue 0");
 
     // Enabling a queue twice or one that does not exist fails.
-    let dup = QueueActivation {
-        index: 0,
-        queue: rings[0].queue(),
-        notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
-    };
+    let (dup, _) = rings[0].activation(0);
     assert!(block.enable_queue(dup).is_err());
     rings[0].add_chain(&chain);
     kicks[0].write(1).unwrap();
-    wait_for("worker restarted", || rings[0].used_idx() == 2);
+    assert!(rings[0].wait_used(2), "worker restarted");
 
     block.reset();
     assert!(block.reset_queue(1).is_none());
@@ -247,18 +200,14 @@ fn worker_serves_queues_and_queue_reset_works() {
 fn activation_rejects_bad_queue_sets() {
     let rig = Rig::new(512);
     let mut block = rig.block;
-    let mem = GuestMemoryAtomic::new(memory());
+    let mem = atomic(&memory());
     let irq = Arc::new(RecordingInterrupt::default());
     assert!(block
         .activate(mem.clone(), irq.clone(), Vec::new())
         .is_err());
-    let ring = TestRing::new(&rig.mem, GuestAddress(0), 16);
-    let bad = vec![QueueActivation {
-        index: 1,
-        queue: ring.queue(),
-        notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
-    }];
-    assert!(block.activate(mem, irq, bad).is_err());
+    let ring = TestRing::new(&rig.mem, 0, 16);
+    let (bad, _) = ring.activation(1);
+    assert!(block.activate(mem, irq, vec![bad]).is_err());
 }
 
 /// Environment variable that turns [`durability_child`] into the child.
@@ -274,7 +223,7 @@ fn durability_child() {
     let block = Block::new(BlockConfig::new(&path)).unwrap();
     let mut processor = block.request_processor();
     let mem = memory();
-    let mut ring = TestRing::new(&mem, GuestAddress(0), 16);
+    let mut ring = TestRing::new(&mem, 0, 16);
     let mut queue = ring.queue();
     mem.write_slice(&[0x42u8; 512], GuestAddress(DATA)).unwrap();
     for (request_type, data) in [

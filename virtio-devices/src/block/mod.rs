@@ -16,8 +16,6 @@ mod device_tests;
 mod disk;
 mod request;
 #[cfg(test)]
-pub(crate) mod test_ring;
-#[cfg(test)]
 mod tests;
 
 use std::io;

@@ -10,8 +10,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
-use super::test_ring::{Desc, TestRing, F_INDIRECT, F_NEXT, F_WRITE};
 use super::{Block, BlockConfig, BlockRequestProcessor};
+use crate::test_ring::{Desc, TestRing, F_INDIRECT, F_NEXT, F_WRITE};
 
 pub(super) const MEM_SIZE: u64 = 0x10_0000;
 pub(super) const HDR: u64 = 0x1_0000;
@@ -89,7 +89,7 @@ impl Rig {
 
     /// Submits one chain; returns (used len, status byte at STATUS).
     pub fn submit(&mut self, descs: &[Desc]) -> (u32, u8) {
-        let ring = TestRing::new(&self.mem, GuestAddress(0), 16);
+        let ring = TestRing::new(&self.mem, 0, 16);
         let mut queue: Queue = ring.queue();
         let mut ring = ring;
         let head = ring.add_chain(descs);
@@ -512,7 +512,7 @@ fn chains_without_status_complete_with_zero_length() {
 /// Runs `setup` against a fresh ring and returns (used idx, first used
 /// element).
 fn raw_ring(rig: &mut Rig, setup: impl FnOnce(&mut TestRing)) -> (u16, (u32, u32)) {
-    let mut ring = TestRing::new(&rig.mem, GuestAddress(0), 16);
+    let mut ring = TestRing::new(&rig.mem, 0, 16);
     let mut queue: Queue = ring.queue();
     setup(&mut ring);
     let _ = rig.processor.process_queue(&rig.mem, &mut queue);
@@ -582,7 +582,7 @@ fn bad_head_indices_and_ring_indices_do_not_panic() {
     assert_eq!(idx, 1);
     assert_eq!(elem, (0, 1));
     // An available index far ahead of the device breaks the queue.
-    let mut ring = TestRing::new(&rig.mem, GuestAddress(0), 16);
+    let mut ring = TestRing::new(&rig.mem, 0, 16);
     let mut queue: Queue = ring.queue();
     ring.add_chain(&[hdr(), status()]);
     ring.set_avail_idx(1000);
@@ -597,24 +597,22 @@ fn indirect_chains() {
     rig.header(VIRTIO_BLK_T_IN, 2);
     let table = 0x3_0000;
     let (idx, elem) = raw_ring(&mut rig, |ring| {
-        let sub = TestRing::new(ring.mem, GuestAddress(table), 4);
-        sub.set_desc(
-            0,
-            Desc {
-                flags: F_NEXT,
-                next: 1,
-                ..hdr()
-            },
+        ring.write_indirect_table(
+            table,
+            &[
+                Desc {
+                    flags: F_NEXT,
+                    next: 1,
+                    ..hdr()
+                },
+                Desc {
+                    flags: F_NEXT | F_WRITE,
+                    next: 2,
+                    ..Desc::w(DATA, 512)
+                },
+                status(),
+            ],
         );
-        sub.set_desc(
-            1,
-            Desc {
-                flags: F_NEXT | F_WRITE,
-                next: 2,
-                ..Desc::w(DATA, 512)
-            },
-        );
-        sub.set_desc(2, status());
         ring.set_desc(
             5,
             Desc {
@@ -630,27 +628,26 @@ fn indirect_chains() {
     // A table far longer than the device accepts: IOERR, not buffered.
     let long = 1100u16;
     let (idx, elem) = raw_ring(&mut rig, |ring| {
-        let sub = TestRing::new(ring.mem, GuestAddress(0x5_0000), long);
-        for i in 0..long {
-            let d = match i {
-                0 => hdr(),
-                i if i == long - 1 => status(),
-                _ => Desc::w(DATA, 512),
-            };
-            let flags = if i == long - 1 {
-                d.flags
-            } else {
-                d.flags | F_NEXT
-            };
-            sub.set_desc(
-                i,
+        let table: Vec<Desc> = (0..long)
+            .map(|i| {
+                let d = match i {
+                    0 => hdr(),
+                    i if i == long - 1 => status(),
+                    _ => Desc::w(DATA, 512),
+                };
+                let flags = if i == long - 1 {
+                    d.flags
+                } else {
+                    d.flags | F_NEXT
+                };
                 Desc {
                     flags,
                     next: i + 1,
                     ..d
-                },
-            );
-        }
+                }
+            })
+            .collect();
+        ring.write_indirect_table(0x5_0000, &table);
         let len = 16 * u32::from(long);
         ring.set_desc(
             5,
@@ -681,7 +678,7 @@ fn indirect_chains() {
 fn event_idx_suppresses_interrupts() {
     let mut rig = Rig::new(8 * 512);
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
-    let mut ring = TestRing::new(&rig.mem, GuestAddress(0), 16);
+    let mut ring = TestRing::new(&rig.mem, 0, 16);
     let mut queue: Queue = ring.queue();
     queue.set_event_idx(true);
     // The driver wants an interrupt once used idx passes 2.
@@ -715,7 +712,7 @@ fn random_chains_never_panic_or_escape_the_image() {
     let mut rng = Prng(0x1234_5678_9abc_def1);
     let types = [0u32, 1, 4, 8, 11, 13, 2, 99];
     for round in 0..300 {
-        let ring = TestRing::new(&rig.mem, GuestAddress(0), 16);
+        let ring = TestRing::new(&rig.mem, 0, 16);
         let mut queue: Queue = ring.queue();
         for i in 0..16u16 {
             let r = rng.next();

@@ -8,8 +8,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::net::test_ring::{
-    atomic, guest_memory, wait_until, RecordingInterrupt, TestRing, MEM_SIZE,
+use crate::test_ring::{
+    atomic, guest_memory, wait_until, Desc, RecordingInterrupt, TestRing, MEM_SIZE,
 };
 
 const RING_SIZE: u16 = 16;
@@ -125,7 +125,7 @@ fn guest_output_reaches_the_writer() {
     h.mem
         .write_slice(b"hello, world\n", GuestAddress(BUFS))
         .unwrap();
-    h.rings[1].add_chain(&[(BUFS, 7, false), (BUFS + 7, 6, false)]);
+    h.rings[1].add_chain(&[Desc::r(BUFS, 7), Desc::r(BUFS + 7, 6)]);
     h.kicks[1].write(1).unwrap();
     assert!(h.rings[1].wait_used(1));
     assert_eq!(out.contents(), b"hello, world\n");
@@ -138,16 +138,16 @@ fn hostile_transmit_chains_write_nothing() {
     let out = SharedBuf::default();
     let mut h = Harness::new(Console::new(Box::new(out.clone()), None), 0);
     h.mem.write_slice(b"secret", GuestAddress(BUFS)).unwrap();
-    h.rings[1].add_chain(&[(BUFS, 3, false), (BUFS + 3, 3, true)]);
-    h.rings[1].add_chain(&[(BUFS, 3, false), (u64::MAX - 1, 3, false)]);
-    h.rings[1].add_chain(&[(MEM_SIZE as u64 - 2, 4, false)]);
+    h.rings[1].add_chain(&[Desc::r(BUFS, 3), Desc::w(BUFS + 3, 3)]);
+    h.rings[1].add_chain(&[Desc::r(BUFS, 3), Desc::r(u64::MAX - 1, 3)]);
+    h.rings[1].add_chain(&[Desc::r(MEM_SIZE as u64 - 2, 4)]);
     h.rings[1].publish(RING_SIZE);
     h.kicks[1].write(1).unwrap();
     assert!(h.rings[1].wait_used(3));
     std::thread::sleep(Duration::from_millis(20));
     assert!(out.contents().is_empty());
     // Still working afterwards.
-    h.rings[1].add_chain(&[(BUFS, 6, false)]);
+    h.rings[1].add_chain(&[Desc::r(BUFS, 6)]);
     h.kicks[1].write(1).unwrap();
     assert!(h.rings[1].wait_used(4));
     assert_eq!(out.contents(), b"secret");
@@ -157,7 +157,7 @@ fn hostile_transmit_chains_write_nothing() {
 fn output_errors_are_survived() {
     let mut h = Harness::new(Console::new(Box::new(Broken), None), 0);
     for _ in 0..3 {
-        h.rings[1].add_chain(&[(BUFS, 16, false)]);
+        h.rings[1].add_chain(&[Desc::r(BUFS, 16)]);
     }
     h.kicks[1].write(1).unwrap();
     assert!(h.rings[1].wait_used(3));
@@ -167,8 +167,8 @@ fn output_errors_are_survived() {
 fn input_fills_receive_buffers() {
     let (console, mut peer) = with_input(Box::new(io::sink()));
     let mut h = Harness::new(console, 0);
-    h.rings[0].add_chain(&[(BUFS, 2, true)]);
-    h.rings[0].add_chain(&[(BUFS + 0x100, 4, true), (BUFS + 0x200, 4, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS, 2)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x100, 4), Desc::w(BUFS + 0x200, 4)]);
     h.kicks[0].write(1).unwrap();
     peer.write_all(b"abcdefg").unwrap();
     assert!(h.rings[0].wait_used(2));
@@ -189,9 +189,9 @@ fn input_waits_for_buffers_then_hostile_chains_are_skipped() {
     assert_eq!(h.rings[0].used_idx(), 0);
     // A readable buffer and one outside RAM are returned empty; the input
     // lands in the next good buffer.
-    h.rings[0].add_chain(&[(BUFS, 64, false)]);
-    h.rings[0].add_chain(&[(1 << 40, 64, true)]);
-    h.rings[0].add_chain(&[(BUFS + 0x100, 64, true)]);
+    h.rings[0].add_chain(&[Desc::r(BUFS, 64)]);
+    h.rings[0].add_chain(&[Desc::w(1 << 40, 64)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x100, 64)]);
     h.kicks[0].write(1).unwrap();
     assert!(h.rings[0].wait_used(3));
     assert_eq!(h.rings[0].used_elem(0).1, 0);
@@ -202,7 +202,7 @@ fn input_waits_for_buffers_then_hostile_chains_are_skipped() {
     // the next one.
     peer.write_all(b"more").unwrap();
     assert!(wait_until(|| h.rings[0].avail_event() == 3));
-    h.rings[0].add_chain(&[(BUFS + 0x200, 64, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x200, 64)]);
     h.kicks[0].write(1).unwrap();
     assert!(h.rings[0].wait_used(4));
     assert_eq!(h.read(BUFS + 0x200, 4), b"more");
@@ -254,7 +254,7 @@ fn file_output_constructor() {
     h.mem
         .write_slice(b"to the file", GuestAddress(BUFS))
         .unwrap();
-    h.rings[1].add_chain(&[(BUFS, 11, false)]);
+    h.rings[1].add_chain(&[Desc::r(BUFS, 11)]);
     h.kicks[1].write(1).unwrap();
     assert!(h.rings[1].wait_used(1));
     h.console.reset();
@@ -290,7 +290,7 @@ fn activation_rules_and_reset() {
         .unwrap();
     let mut tx = tx;
     h.mem.write_slice(b"again", GuestAddress(BUFS)).unwrap();
-    tx.add_chain(&[(BUFS, 5, false)]);
+    tx.add_chain(&[Desc::r(BUFS, 5)]);
     kick.write(1).unwrap();
     assert!(tx.wait_used(1));
     assert_eq!(out.contents(), b"again");

@@ -11,8 +11,6 @@ mod config;
 mod rxtx;
 mod tap;
 #[cfg(test)]
-pub(crate) mod test_ring;
-#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

@@ -8,10 +8,11 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::test_ring::{
-    atomic, guest_memory, wait_until, RecordingInterrupt, TestRing, F_INDIRECT,
-};
 use super::*;
+use crate::test_ring::{
+    atomic, guest_memory, wait_until, Desc, RecordingInterrupt, TestRing, F_INDIRECT, F_NEXT,
+    MEM_SIZE,
+};
 
 /// A frame-preserving fake tap: one end of a datagram socket pair.
 struct DgramBackend {
@@ -125,8 +126,8 @@ impl Harness {
         let half = data.len() as u32 / 2;
         let q = 2 * pair + 1;
         self.rings[q].add_chain(&[
-            (at, half, false),
-            (at + u64::from(half), data.len() as u32 - half, false),
+            Desc::r(at, half),
+            Desc::r(at + u64::from(half), data.len() as u32 - half),
         ]);
         self.kick(q);
     }
@@ -275,21 +276,29 @@ fn transmitted_frame_reaches_the_backend_with_its_header() {
 
 #[test]
 fn transmit_through_an_indirect_table() {
-    let mut h = Harness::new(1, bit(VIRTIO_RING_F_INDIRECT_DESC));
+    let h = Harness::new(1, bit(VIRTIO_RING_F_INDIRECT_DESC));
     let data = frame(64, 9);
     h.mem.write_slice(&data, GuestAddress(BUFS)).unwrap();
     // Two-entry indirect table at BUFS + 0x1000.
     let table = BUFS + 0x1000;
-    let entries: [(u64, u32, u16, u16); 2] =
-        [(BUFS, 12, 1, 1), (BUFS + 12, data.len() as u32 - 12, 0, 0)];
-    for (i, (addr, len, flags, next)) in entries.iter().enumerate() {
-        let at = table + 16 * i as u64;
-        h.mem.write_obj(*addr, GuestAddress(at)).unwrap();
-        h.mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
-        h.mem.write_obj(*flags, GuestAddress(at + 12)).unwrap();
-        h.mem.write_obj(*next, GuestAddress(at + 14)).unwrap();
-    }
-    h.rings[1].write_desc(0, table, 32, F_INDIRECT, 0);
+    h.rings[1].write_indirect_table(
+        table,
+        &[
+            Desc {
+                flags: F_NEXT,
+                next: 1,
+                ..Desc::r(BUFS, 12)
+            },
+            Desc::r(BUFS + 12, data.len() as u32 - 12),
+        ],
+    );
+    h.rings[1].set_desc(
+        0,
+        Desc {
+            flags: F_INDIRECT,
+            ..Desc::r(table, 32)
+        },
+    );
     h.rings[1].publish(0);
     h.kick(1);
     let mut buf = vec![0u8; 4096];
@@ -302,14 +311,14 @@ fn hostile_transmit_chains_are_dropped() {
     let mut h = Harness::new(1, 0);
     let ring = &mut h.rings[1];
     // A device-writable buffer in a transmit chain.
-    ring.add_chain(&[(BUFS, 12, false), (BUFS + 12, 60, true)]);
+    ring.add_chain(&[Desc::r(BUFS, 12), Desc::w(BUFS + 12, 60)]);
     // Outside guest RAM, and straddling its end.
-    ring.add_chain(&[(1 << 40, 100, false)]);
-    ring.add_chain(&[(super::test_ring::MEM_SIZE as u64 - 10, 100, false)]);
+    ring.add_chain(&[Desc::r(1 << 40, 100)]);
+    ring.add_chain(&[Desc::r(MEM_SIZE as u64 - 10, 100)]);
     // Larger than any frame.
-    ring.add_chain(&[(BUFS, MAX_FRAME_LEN as u32 + 1, false)]);
+    ring.add_chain(&[Desc::r(BUFS, MAX_FRAME_LEN as u32 + 1)]);
     // Shorter than the header.
-    ring.add_chain(&[(BUFS, 11, false)]);
+    ring.add_chain(&[Desc::r(BUFS, 11)]);
     // A head past the end of the descriptor table: consumed, but it cannot
     // be put in the used ring.
     ring.publish(RING_SIZE + 3);
@@ -331,7 +340,7 @@ fn hostile_transmit_chains_are_dropped() {
 #[test]
 fn received_frame_fills_one_buffer_with_num_buffers_one() {
     let mut h = Harness::new(1, 0);
-    h.rings[0].add_chain(&[(BUFS, 8, true), (BUFS + 8, 2040, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS, 8), Desc::w(BUFS + 8, 2040)]);
     h.kick(0);
     let mut data = frame(300, 5);
     data[0] = 2; // DATA_VALID, which the driver did not negotiate.
@@ -352,7 +361,7 @@ fn mergeable_buffers_span_a_large_frame() {
         bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_GUEST_CSUM),
     );
     for i in 0..4u64 {
-        h.rings[0].add_chain(&[(BUFS + i * 0x1000, 1000, true)]);
+        h.rings[0].add_chain(&[Desc::w(BUFS + i * 0x1000, 1000)]);
     }
     h.kick(0);
     let mut data = frame(2488, 7); // 2500 bytes with the header.
@@ -388,13 +397,13 @@ fn frame_waits_for_buffers_until_the_driver_notifies() {
     assert_eq!(h.rings[0].used_idx(), 0);
 
     // One buffer is not enough for the first frame under MRG_RXBUF.
-    h.rings[0].add_chain(&[(BUFS, 1024, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS, 1024)]);
     h.kick(0);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(h.rings[0].used_idx(), 0, "partial delivery");
 
-    h.rings[0].add_chain(&[(BUFS + 0x1000, 1024, true)]);
-    h.rings[0].add_chain(&[(BUFS + 0x2000, 1024, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x1000, 1024)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x2000, 1024)]);
     h.kick(0);
     assert!(h.rings[0].wait_used(3));
     assert_eq!(h.rings[0].used_elem(0).1, 1024);
@@ -408,8 +417,8 @@ fn hostile_receive_chains_cost_only_their_frame() {
     let mut h = Harness::new(1, 0);
     // Readable buffer in a receive chain, then one outside RAM, then one
     // too small for the frame (kept), then a good one.
-    h.rings[0].add_chain(&[(BUFS, 2048, false)]);
-    h.rings[0].add_chain(&[(1 << 40, 2048, true)]);
+    h.rings[0].add_chain(&[Desc::r(BUFS, 2048)]);
+    h.rings[0].add_chain(&[Desc::w(1 << 40, 2048)]);
     h.kick(0);
     h.peers[0].send(&frame(100, 1)).unwrap();
     h.peers[0].send(&frame(100, 2)).unwrap();
@@ -417,7 +426,7 @@ fn hostile_receive_chains_cost_only_their_frame() {
     assert_eq!(h.rings[0].used_elem(0), (0, 0));
     assert_eq!(h.rings[0].used_elem(1), (1, 0));
 
-    h.rings[0].add_chain(&[(BUFS, 64, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS, 64)]);
     h.kick(0);
     h.peers[0].send(&frame(100, 3)).unwrap(); // too big: dropped
     let small = frame(40, 4);
@@ -433,7 +442,7 @@ fn hostile_receive_chains_cost_only_their_frame() {
     std::thread::sleep(Duration::from_millis(50));
     // A frame shorter than a vnet header never reaches the guest.
     h.peers[0].send(&[0u8; 5]).unwrap();
-    h.rings[0].add_chain(&[(BUFS + 0x1000, 2048, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x1000, 2048)]);
     h.kick(0);
     let last = frame(30, 6);
     h.peers[0].send(&last).unwrap();
@@ -447,9 +456,9 @@ fn control(h: &mut Harness, ctrl: usize, command: &[u8], at: u64) -> (u8, u32) {
     h.mem.write_obj(0xeeu8, GuestAddress(at + 0x100)).unwrap();
     let before = h.rings[ctrl].used_idx();
     h.rings[ctrl].add_chain(&[
-        (at, 2, false),
-        (at + 2, command.len() as u32 - 2, false),
-        (at + 0x100, 1, true),
+        Desc::r(at, 2),
+        Desc::r(at + 2, command.len() as u32 - 2),
+        Desc::w(at + 0x100, 1),
     ]);
     h.kick(ctrl);
     assert!(h.rings[ctrl].wait_used(before.wrapping_add(1)));
@@ -463,7 +472,7 @@ fn control_queue_sets_queue_pairs_and_routes_frames() {
     let mut h = Harness::new(2, acked);
     let ctrl = 4;
     for rx in [0, 2] {
-        h.rings[rx].add_chain(&[(BUFS + rx as u64 * 0x1000, 2048, true)]);
+        h.rings[rx].add_chain(&[Desc::w(BUFS + rx as u64 * 0x1000, 2048)]);
         h.kick(rx);
     }
     // One pair active after reset: backend 1's frames go to receiveq 0.
@@ -503,9 +512,9 @@ fn control_queue_sets_queue_pairs_and_routes_frames() {
     assert_eq!(&h.read(BUFS + 0x2000 + 12, 20), &late[12..]);
 
     // A command with no room for the ack is returned with nothing written.
-    h.rings[ctrl].add_chain(&[(BUFS, 4, false)]);
+    h.rings[ctrl].add_chain(&[Desc::r(BUFS, 4)]);
     // And one whose ack buffer comes before the command.
-    h.rings[ctrl].add_chain(&[(BUFS + 4, 1, true), (BUFS, 4, false)]);
+    h.rings[ctrl].add_chain(&[Desc::w(BUFS + 4, 1), Desc::r(BUFS, 4)]);
     h.kick(ctrl);
     assert!(h.rings[ctrl].wait_used(8));
     assert_eq!(h.rings[ctrl].used_elem(6).1, 0);
@@ -522,7 +531,7 @@ fn without_mq_the_control_queue_is_queue_two() {
     let err = VIRTIO_NET_ERR as u8;
     assert_eq!(control(&mut h, 2, &[mq, 0, 1, 0], BUFS), (err, 1));
     // Frames from the second tap queue still reach receiveq 0.
-    h.rings[0].add_chain(&[(BUFS + 0x1000, 2048, true)]);
+    h.rings[0].add_chain(&[Desc::w(BUFS + 0x1000, 2048)]);
     h.kick(0);
     h.peers[1].send(&frame(20, 1)).unwrap();
     assert!(h.rings[0].wait_used(1));
@@ -664,7 +673,7 @@ fn real_tap_carries_frames_both_ways() {
     eth.extend([0x88, 0xb5]); // local experimental ethertype
     eth.extend([0u8; 46]);
     mem.write_slice(&eth, GuestAddress(BUFS)).unwrap();
-    rings[1].add_chain(&[(BUFS, eth.len() as u32, false)]);
+    rings[1].add_chain(&[Desc::r(BUFS, eth.len() as u32)]);
     kicks[1].write(1).unwrap();
     assert!(rings[1].wait_used(1));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -677,7 +686,7 @@ fn real_tap_carries_frames_both_ways() {
     for (rx, ring) in [(0usize, 0u64), (2, 1)] {
         for i in 0..4 {
             let at = BUFS + 0x10000 * (ring + 1) + 0x1000 * i;
-            rings[rx].add_chain(&[(at, 2048, true)]);
+            rings[rx].add_chain(&[Desc::w(at, 2048)]);
         }
         kicks[rx].write(1).unwrap();
     }
