@@ -372,3 +372,40 @@ where
     }
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_ring::{guest_memory, Desc, RecordingInterrupt, TestRing};
+
+    #[test]
+    fn serve_chains_puts_back_a_chain_the_device_cannot_take() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, 0, 8);
+        let mut queue = ring.queue();
+        let irq = RecordingInterrupt::default();
+        for i in 0..3 {
+            ring.add_chain(&[Desc::w(0x10_0000 + 0x100 * i, 16)]);
+        }
+        let mut served = Vec::new();
+        serve_chains(&mut queue, &mem, &irq, 0, |chain| {
+            if !served.is_empty() {
+                return None;
+            }
+            served.push(chain.head_index());
+            Some(4)
+        });
+        assert_eq!(served, [0]);
+        assert_eq!(ring.used_idx(), 1);
+        assert_eq!(ring.used_elem(0), (0, 4));
+        assert_eq!(irq.count(0), 1);
+        // The chain put back comes first the next time round.
+        serve_chains(&mut queue, &mem, &irq, 0, |chain| {
+            served.push(chain.head_index());
+            Some(0)
+        });
+        assert_eq!(served, [0, 1, 2]);
+        assert_eq!(ring.used_idx(), 3);
+        assert_eq!(irq.count(0), 2);
+    }
+}
