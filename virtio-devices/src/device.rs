@@ -134,7 +134,7 @@ pub trait VirtioDevice: Send {
 
 /// Copies `config[offset..]` into `data`, for [`VirtioDevice::read_config`]:
 /// bytes past the end of `config` (or an offset beyond it) read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
     let Ok(start) = usize::try_from(offset) else {
         return;

@@ -18,9 +18,9 @@ pub mod transport;
 pub mod worker;
 
 pub use device::{
-    ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, DEVICE_ACKNOWLEDGE, DEVICE_DRIVER, DEVICE_DRIVER_OK, DEVICE_FAILED,
-    DEVICE_FEATURES_OK, DEVICE_NEEDS_RESET,
+    read_config_bytes, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType, DEVICE_ACKNOWLEDGE, DEVICE_DRIVER, DEVICE_DRIVER_OK,
+    DEVICE_FAILED, DEVICE_FEATURES_OK, DEVICE_NEEDS_RESET,
 };
 pub use queue::{QueueError, QueueOutcome};
 

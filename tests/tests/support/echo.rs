@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use virtio_devices::worker::{DeviceWorker, WorkerHandler};
 use virtio_devices::{
-    ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
+    read_config_bytes, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
@@ -202,13 +202,7 @@ impl VirtioDevice for EchoDevice {
         let mut bytes = [0u8; CONFIG_SIZE];
         bytes[..4].copy_from_slice(&config.completed.to_le_bytes());
         bytes[4..].copy_from_slice(&(!config.completed).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| bytes.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&bytes, offset, data);
     }
 
     fn activate(
