@@ -191,7 +191,9 @@ fn blk(ctx: &mut Ctx) {
     }
 
     // Write, flush, read back.
-    if dev.readonly() {
+    if ctx.cfg.expect_ro {
+        blk_readonly(ctx, &mut dev);
+    } else if dev.readonly() {
         println!("SKIP blk-write read-only");
     } else {
         let mut pattern = [0u8; 8 * SECTOR_SIZE];
@@ -239,6 +241,34 @@ fn blk(ctx: &mut Ctx) {
     }
 
     check_msix(ctx, "blk", vector);
+}
+
+/// `blk-readonly` (`expect_ro=1`): the device offers VIRTIO_BLK_F_RO, a
+/// write fails with IOERR and leaves the sectors as they were. The write is
+/// tried even without the feature so a device that ignores read-only shows.
+fn blk_readonly(ctx: &mut Ctx, dev: &mut VirtIOBlk<GuestHal, IrqTransport>) {
+    let offered = dev.readonly();
+    let mut pattern = [0u8; 8 * SECTOR_SIZE];
+    for (i, b) in pattern.iter_mut().enumerate() {
+        *b = write_pattern(i);
+    }
+    let write = dev.write_blocks(WRITE_SECTOR, &pattern);
+    let mut back = [0u8; 8 * SECTOR_SIZE];
+    let unchanged = match dev.read_blocks(WRITE_SECTOR, &mut back) {
+        Ok(()) => back != pattern,
+        Err(_) => false,
+    };
+    let refused = matches!(write, Err(virtio_drivers::Error::IoError));
+    let write = match write {
+        Ok(()) => "accepted",
+        Err(virtio_drivers::Error::IoError) => "ioerr",
+        Err(_) => "other-error",
+    };
+    ctx.report.check(
+        "blk-readonly",
+        offered && refused && unchanged,
+        format_args!("offered={offered} write={write} unchanged={unchanged}"),
+    );
 }
 
 fn rng(ctx: &mut Ctx) {
