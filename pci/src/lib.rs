@@ -1,6 +1,7 @@
 //! PCI emulation: type-0 configuration space with capability chains and
 //! BARs, MSI and MSI-X, and the root bus reached through configuration
-//! mechanism #1 (ports 0xCF8/0xCFC) and an ECAM window.
+//! mechanism #1 (ports 0xCF8/0xCFC) and an ECAM window; host functions
+//! passed through with VFIO ([`vfio`]).
 
 mod bus;
 mod capability;
@@ -10,6 +11,7 @@ pub mod interrupt;
 pub mod msi;
 pub mod msix;
 mod pcie;
+pub mod vfio;
 
 pub use bus::{
     PciBdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot, ECAM_BUS_SIZE, ECAM_FUNCTION_SIZE,

@@ -1,0 +1,326 @@
+//! The interrupts of a passed-through function: the emulated MSI and
+//! MSI-X capabilities, and which kind VFIO delivers at any moment.
+//!
+//! The guest programs messages and masks into our emulation; the
+//! [`MsiInterruptGroup`] behind it turns them into KVM routes (through the
+//! VMM's one routing-table owner). VFIO is only told which eventfds to
+//! signal: the group's notifiers, which are KVM irqfds while their vector
+//! is unmasked, so host interrupts never pass through the VMM. A vector
+//! the guest masked has no irqfd: what the device raises meanwhile waits in
+//! the eventfd and is delivered on unmask.
+
+use std::sync::Arc;
+
+use log::{debug, error, info};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VfioBackend, VfioIrqIndex};
+use crate::capability::{PciCapability, PciCapabilityId};
+use crate::interrupt::MsiInterruptGroup;
+use crate::msi::{MsiCapability, MsiConfig};
+use crate::msix::{MsixCapability, MsixConfig, MSIX_CAP_SIZE, MSIX_MSG_CTL_ENABLE};
+use crate::msix::{MSIX_MSG_CTL_FUNCTION_MASK, MSIX_TABLE_ENTRY_SIZE};
+use crate::PciError;
+
+/// The INTx eventfds handed to VFIO: `trigger` must be a KVM irqfd with
+/// resampling on the line's IOAPIC pin and `resample` its resample eventfd,
+/// so the guest's EOI unmasks the host line without the VMM.
+#[derive(Debug)]
+pub struct IntxEventFds {
+    /// Signalled by VFIO when the device asserts INTx.
+    pub trigger: EventFd,
+    /// Signalled by KVM on EOI; VFIO then unmasks the host line.
+    pub resample: EventFd,
+}
+
+/// The emulated MSI capability: its bytes as the guest sees them, and the
+/// state behind them.
+pub(crate) struct EmulatedMsi {
+    pub(crate) offset: usize,
+    bytes: Vec<u8>,
+    mask: Vec<u8>,
+    config: MsiConfig,
+}
+
+impl EmulatedMsi {
+    pub(crate) fn new(
+        offset: usize,
+        cap: MsiCapability,
+        group: Arc<dyn MsiInterruptGroup>,
+    ) -> Result<Self, PciError> {
+        let config = MsiConfig::new(
+            cap.vectors_log2(),
+            cap.is_64bit(),
+            cap.per_vector_mask(),
+            group,
+        )?;
+        // The ID and next pointer are the layout's business; keep room.
+        let mut bytes = vec![PciCapabilityId::Msi as u8, 0];
+        bytes.extend(cap.body());
+        let mut mask = vec![0, 0];
+        mask.extend(cap.writable_mask());
+        Ok(EmulatedMsi {
+            offset,
+            bytes,
+            mask,
+            config,
+        })
+    }
+
+    /// Byte `rel` of the capability (zero past its end).
+    pub(crate) fn read(&self, rel: usize) -> u8 {
+        self.bytes.get(rel).copied().unwrap_or(0)
+    }
+
+    /// Stores a guest byte through the writable mask; call
+    /// [`commit`](Self::commit) once the whole access is stored.
+    pub(crate) fn write(&mut self, rel: usize, value: u8) {
+        if let (Some(byte), Some(mask)) = (self.bytes.get_mut(rel), self.mask.get(rel)) {
+            *byte = (*byte & !mask) | (value & mask);
+        }
+    }
+
+    /// Applies what the guest wrote (routes, masks) and mirrors the pending
+    /// bits the device owns.
+    pub(crate) fn commit(&mut self) {
+        self.config.update_from_config(&self.bytes);
+        if let Some(at) = self.config.layout().pending_bits {
+            let pending = self.config.pending_bits().to_le_bytes();
+            if let Some(dst) = self.bytes.get_mut(at..at + 4) {
+                dst.copy_from_slice(&pending);
+            }
+        }
+    }
+
+    /// Vectors the guest enabled (0 while MSI is disabled).
+    pub(crate) fn enabled_vectors(&self) -> u16 {
+        self.config.num_enabled_vectors()
+    }
+
+    fn group(&self) -> &Arc<dyn MsiInterruptGroup> {
+        self.config.group()
+    }
+
+    fn reset(&mut self) {
+        self.config.reset();
+    }
+}
+
+/// The emulated MSI-X capability and the table and PBA behind it.
+pub(crate) struct EmulatedMsix {
+    pub(crate) offset: usize,
+    cap: MsixCapability,
+    ctl: u16,
+    pub(crate) config: MsixConfig,
+}
+
+impl EmulatedMsix {
+    pub(crate) fn new(
+        offset: usize,
+        cap: MsixCapability,
+        group: Arc<dyn MsiInterruptGroup>,
+    ) -> Result<Self, PciError> {
+        let config = MsixConfig::new(cap.table_size(), group)?;
+        Ok(EmulatedMsix {
+            offset,
+            cap,
+            ctl: cap.message_control(),
+            config,
+        })
+    }
+
+    fn bytes(&self) -> [u8; MSIX_CAP_SIZE] {
+        let mut bytes = [0u8; MSIX_CAP_SIZE];
+        bytes[0] = PciCapabilityId::MsiX as u8;
+        bytes[2..4].copy_from_slice(&self.ctl.to_le_bytes());
+        let body = self.cap.body();
+        bytes[4..].copy_from_slice(&body[2..]);
+        bytes
+    }
+
+    /// Byte `rel` of the capability (zero past its end).
+    pub(crate) fn read(&self, rel: usize) -> u8 {
+        self.bytes().get(rel).copied().unwrap_or(0)
+    }
+
+    /// Stores a guest byte; only the enable and function mask bits of
+    /// message control are writable. Call [`commit`](Self::commit) after.
+    pub(crate) fn write(&mut self, rel: usize, value: u8) {
+        let writable = MSIX_MSG_CTL_ENABLE | MSIX_MSG_CTL_FUNCTION_MASK;
+        let (shift, mask) = match rel {
+            2 => (0, writable & 0xff),
+            3 => (8, writable >> 8),
+            _ => return,
+        };
+        let value = u16::from(value) << shift;
+        self.ctl = (self.ctl & !(mask << shift)) | (value & (mask << shift));
+    }
+
+    /// Applies the message control the guest wrote.
+    pub(crate) fn commit(&mut self) {
+        self.config.set_message_control(self.ctl);
+    }
+
+    /// Whether the guest enabled MSI-X.
+    pub(crate) fn enabled(&self) -> bool {
+        self.config.enabled()
+    }
+
+    /// The table as (BAR index, offset, size).
+    pub(crate) fn table(&self) -> (usize, u64, u64) {
+        (
+            usize::from(self.cap.table_bir()),
+            u64::from(self.cap.table_offset()),
+            self.config.table_size_bytes(),
+        )
+    }
+
+    /// The PBA as (BAR index, offset, size).
+    pub(crate) fn pba(&self) -> (usize, u64, u64) {
+        (
+            usize::from(self.cap.pba_bir()),
+            u64::from(self.cap.pba_offset()),
+            self.config.pba_size_bytes(),
+        )
+    }
+
+    fn vectors(&self) -> u16 {
+        self.config.vector_count()
+    }
+
+    fn reset(&mut self) {
+        self.ctl = self.cap.message_control();
+        self.config.reset();
+    }
+}
+
+/// The (table BAR, offset, size) of an MSI-X capability's table and PBA,
+/// before any state exists.
+pub(crate) fn msix_ranges(cap: &MsixCapability) -> [(usize, u64, u64); 2] {
+    let vectors = u64::from(cap.table_size());
+    [
+        (
+            usize::from(cap.table_bir()),
+            u64::from(cap.table_offset()),
+            vectors * MSIX_TABLE_ENTRY_SIZE as u64,
+        ),
+        (
+            usize::from(cap.pba_bir()),
+            u64::from(cap.pba_offset()),
+            vectors.div_ceil(64) * 8,
+        ),
+    ]
+}
+
+/// Which interrupt kind VFIO is delivering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IrqMode {
+    /// Nothing enabled.
+    None,
+    /// INTx through the resampling irqfd.
+    Intx,
+    /// MSI with this many vectors.
+    Msi(u16),
+    /// MSI-X with every table entry.
+    Msix,
+}
+
+/// The interrupt state of one function.
+pub(crate) struct Interrupts {
+    pub(crate) msi: Option<EmulatedMsi>,
+    pub(crate) msix: Option<EmulatedMsix>,
+    pub(crate) intx: Option<IntxEventFds>,
+    pub(crate) mode: IrqMode,
+}
+
+impl Interrupts {
+    /// What VFIO should deliver for the state the guest programmed: MSI-X
+    /// if enabled, else MSI, else INTx if the function has it.
+    pub(crate) fn wanted(&self) -> IrqMode {
+        if self.msix.as_ref().is_some_and(EmulatedMsix::enabled) {
+            return IrqMode::Msix;
+        }
+        match self.msi.as_ref().map(EmulatedMsi::enabled_vectors) {
+            Some(n) if n > 0 => IrqMode::Msi(n),
+            _ if self.intx.is_some() => IrqMode::Intx,
+            _ => IrqMode::None,
+        }
+    }
+
+    /// Switches VFIO to [`wanted`](Self::wanted) if it differs from what
+    /// VFIO has. Failures are logged (the guest caused the change and
+    /// cannot be told); the mode is then `None` so the next change retries.
+    pub(crate) fn sync(&mut self, backend: &dyn VfioBackend, id: &str) {
+        let wanted = self.wanted();
+        if wanted == self.mode {
+            return;
+        }
+        self.disable(backend, id);
+        let result = match wanted {
+            IrqMode::None => Ok(()),
+            IrqMode::Intx => self.intx.as_ref().map_or(Ok(()), |fds| {
+                backend
+                    .enable_irq(VfioIrqIndex::Intx, &[&fds.trigger])
+                    .and_then(|()| backend.set_intx_unmask_fd(&fds.resample))
+            }),
+            IrqMode::Msi(n) => match &self.msi {
+                Some(msi) => notifiers(msi.group(), n)
+                    .and_then(|fds| backend.enable_irq(VfioIrqIndex::Msi, &fds)),
+                None => Ok(()),
+            },
+            IrqMode::Msix => match &self.msix {
+                Some(msix) => notifiers(msix.config.group(), msix.vectors())
+                    .and_then(|fds| backend.enable_irq(VfioIrqIndex::Msix, &fds)),
+                None => Ok(()),
+            },
+        };
+        match result {
+            Ok(()) => {
+                info!("{id}: VFIO interrupts {:?} -> {wanted:?}", self.mode);
+                self.mode = wanted;
+            }
+            Err(e) => {
+                error!("{id}: cannot switch VFIO interrupts to {wanted:?}: {e}");
+                self.mode = IrqMode::None;
+            }
+        }
+    }
+
+    /// Turns off whatever VFIO delivers.
+    pub(crate) fn disable(&mut self, backend: &dyn VfioBackend, id: &str) {
+        let index = match self.mode {
+            IrqMode::None => return,
+            IrqMode::Intx => VfioIrqIndex::Intx,
+            IrqMode::Msi(_) => VfioIrqIndex::Msi,
+            IrqMode::Msix => VfioIrqIndex::Msix,
+        };
+        if let Err(e) = backend.disable_irq(index) {
+            error!("{id}: cannot disable VFIO {index:?} interrupts: {e}");
+        }
+        debug!("{id}: VFIO {index:?} interrupts disabled");
+        self.mode = IrqMode::None;
+    }
+
+    /// Device reset: VFIO delivers nothing, MSI and MSI-X are back to their
+    /// reset state (routes removed).
+    pub(crate) fn reset(&mut self, backend: &dyn VfioBackend, id: &str) {
+        self.disable(backend, id);
+        if let Some(msi) = &mut self.msi {
+            msi.reset();
+        }
+        if let Some(msix) = &mut self.msix {
+            msix.reset();
+        }
+    }
+}
+
+/// The eventfds of vectors `0..count` of `group`.
+fn notifiers(group: &Arc<dyn MsiInterruptGroup>, count: u16) -> std::io::Result<Vec<&EventFd>> {
+    (0..count)
+        .map(|i| {
+            group.notifier(i).ok_or_else(|| {
+                std::io::Error::other(format!("interrupt vector {i} has no eventfd"))
+            })
+        })
+        .collect()
+}
