@@ -142,6 +142,7 @@ fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
     devices.add_legacy_devices(&config.serial, vm.reset_evt()?)?;
     let debug_exit = devices.add_debug_exit(vm.poweroff_evt()?)?;
     devices.create_devices(config, vm.guest_memory())?;
+    devices.add_vfio_devices(config, &vm.vm_fd(), vm.memory())?;
     vm.setup(&VmDevices {
         io_bus: devices.io_bus().clone(),
         mmio_bus: devices.mmio_bus().clone(),
@@ -151,7 +152,13 @@ fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
     devices.start_event_loop()?;
     let status = vm.run();
     devices.shutdown();
-    match status? {
+    let status = status?;
+    // A verdict on the debug exit port is final: the vCPU runs on until the
+    // exit is noticed, and a reset it issues meanwhile must not override it.
+    if let Some(verdict) = debug_exit.get() {
+        return Ok(Some(verdict));
+    }
+    match status {
         VmExitStatus::PowerOff => Ok(debug_exit.get()),
         VmExitStatus::Reset => {
             Err("the guest reset the VM (trellis does not restart guests)".into())
