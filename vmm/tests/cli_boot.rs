@@ -129,18 +129,41 @@ fn kernels_that_cannot_boot_are_named() {
 }
 
 #[test]
-fn vfio_is_not_supported_yet() {
+fn vfio_setup_mistakes_are_named() {
     require_kvm();
     let kernel = TempFile::new(&pvh_image());
-    fails_once(
-        &[
-            "--kernel",
-            kernel.0.to_str().unwrap(),
-            "--serial",
-            "off",
-            "--device",
-            "path=/sys/bus/pci/devices/0000:00:02.0",
-        ],
-        "VFIO passthrough is not supported yet",
+    let kernel = kernel.0.to_str().unwrap();
+    let run = |path: &str, needle: &str| {
+        fails_once(
+            &[
+                "--kernel",
+                kernel,
+                "--serial",
+                "off",
+                "--device",
+                &format!("path={path}"),
+            ],
+            needle,
+        )
+    };
+    run(
+        "/sys/bus/pci/devices/0000:ff:1f.7",
+        "cannot pass vfio0 through: /sys/bus/pci/devices/0000:ff:1f.7: no such PCI function",
     );
+    // A host function held by a regular driver, if this host has one.
+    let bound = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|e| {
+            let driver = std::fs::read_link(e.path().join("driver")).ok()?;
+            let driver = driver.file_name()?.to_string_lossy().into_owned();
+            (!driver.contains("vfio")).then(|| (e.path(), driver))
+        });
+    if let Some((path, driver)) = bound {
+        run(
+            path.to_str().unwrap(),
+            &format!("is bound to {driver}, not to vfio-pci"),
+        );
+    }
 }

@@ -9,6 +9,9 @@
 //!   pin the platform's swizzle gives (the same one ACPI's `_PRT` lists),
 //!   and one ioeventfd per queue notification address.
 //! - BAR moves by the guest ([`PciBarRelocator`]).
+//! - Host PCI functions passed through with VFIO (`vfio`): one container
+//!   per VM mapping all guest RAM for DMA, BARs mmapped into KVM memory
+//!   slots, MSI/MSI-X vectors and INTx handed to VFIO as irqfds.
 //! - The legacy devices: 8250 serial on COM1, i8042 reset.
 //! - The "vmm events" thread ([`EventLoop`]): INTx resampling and serial
 //!   input.
@@ -20,6 +23,7 @@ mod event_loop;
 mod legacy;
 mod relocation;
 mod topology;
+mod vfio;
 mod virtio;
 
 #[cfg(test)]
@@ -46,6 +50,7 @@ pub use event_loop::{EventLoop, EventLoopHandle, Subscriber};
 pub use legacy::{SerialDevice, SerialInput};
 pub use relocation::{BarMapError, IoEventBackend, PciBarRelocator};
 pub use topology::PciFunctionInfo;
+pub use vfio::VfioSetupError;
 
 /// `log` target of the PCI topology lines (and BAR moves).
 pub const TOPOLOGY_LOG_TARGET: &str = "trellis::topology";
@@ -155,9 +160,15 @@ pub enum DeviceManagerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// `--device` was given.
-    #[error("VFIO passthrough is not supported yet (--device path={0})")]
-    VfioUnsupported(String),
+    /// A host function could not be passed through.
+    #[error("cannot pass {id} through")]
+    Vfio {
+        /// The device ID.
+        id: String,
+        /// What failed.
+        #[source]
+        source: VfioSetupError,
+    },
 }
 
 /// One PCI function the manager added.
@@ -203,6 +214,7 @@ pub struct DeviceManager {
     subscribers: Vec<Subscriber>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     events: Option<EventLoopHandle>,
+    vfio: Option<vfio::VfioContext>,
 }
 
 impl DeviceManager {
@@ -285,6 +297,7 @@ impl DeviceManager {
             subscribers: Vec::new(),
             serial: None,
             events: None,
+            vfio: None,
         })
     }
 
@@ -522,16 +535,6 @@ impl DeviceManager {
             .retain(|s| Arc::as_ptr(s) as *const () != target);
     }
 
-    /// Fails for VFIO devices, which are not implemented yet.
-    pub fn check_vfio(&self, config: &crate::config::VmConfig) -> Result<(), DeviceManagerError> {
-        match config.vfio_devices.first() {
-            Some(dev) => Err(DeviceManagerError::VfioUnsupported(
-                dev.path.display().to_string(),
-            )),
-            None => Ok(()),
-        }
-    }
-
     /// Starts the "vmm events" thread with the subscribers gathered so
     /// far (INTx resamplers, serial input). Call once, after adding the
     /// devices; it stops when the manager is dropped.
@@ -554,6 +557,10 @@ impl DeviceManager {
             if let Some(mut reset) = function.reset.take() {
                 reset();
             }
+        }
+        // After the resets: no passed-through device does DMA any more.
+        if let Some(mut vfio) = self.vfio.take() {
+            vfio.shutdown();
         }
     }
 }

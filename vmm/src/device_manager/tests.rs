@@ -434,23 +434,24 @@ fn legacy_devices() {
 }
 
 #[test]
-fn vfio_is_refused_clearly() {
+fn a_missing_vfio_function_is_named() {
     let r = rig();
     let args: Vec<String> = [
         "trellis",
         "--kernel",
         "/k",
         "--device",
-        "path=/sys/bus/pci/devices/0000:01:00.0",
+        "path=/sys/bus/pci/devices/0000:ff:1f.7,id=gpu",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let config = VmConfig::parse(&args).unwrap();
     let err = r.dm.check_vfio(&config).unwrap_err();
+    assert_eq!(err.to_string(), "cannot pass gpu through");
     assert_eq!(
-        err.to_string(),
-        "VFIO passthrough is not supported yet (--device path=/sys/bus/pci/devices/0000:01:00.0)"
+        std::error::Error::source(&err).unwrap().to_string(),
+        "/sys/bus/pci/devices/0000:ff:1f.7: no such PCI function on this host"
     );
 }
 
@@ -493,17 +494,21 @@ fn devices_from_the_configuration() {
     std::fs::remove_file(&path).unwrap();
     std::fs::remove_file(&image).unwrap();
 
-    // VFIO is refused before anything is created.
+    // A VFIO function that cannot be passed through stops everything
+    // before anything is created.
     let mut r = rig();
     let config = parse(&[
         "--console",
         &console,
         "--device",
-        "path=/sys/bus/pci/devices/0000:00:1f.0",
+        "path=/sys/bus/pci/devices/0000:ff:1f.7",
     ]);
     assert!(matches!(
         r.dm.create_devices(&config, guest_memory()),
-        Err(DeviceManagerError::VfioUnsupported(_))
+        Err(DeviceManagerError::Vfio {
+            source: super::VfioSetupError::NoSuchDevice(_),
+            ..
+        })
     ));
     assert_eq!(r.dm.topology().len(), 1);
     assert!(!path.exists());

@@ -32,8 +32,9 @@ const _: () = assert!(VIRTIO_PCI_BAR_ALIGNMENT == VIRTIO_PCI_BAR_SIZE);
 
 impl DeviceManager {
     /// Creates the devices `config` asks for and adds them to the PCI bus,
-    /// in command line order by kind: disks, NICs, rng, console. Refuses
-    /// VFIO devices (not implemented yet) before creating anything.
+    /// in command line order by kind: disks, NICs, rng, console. Checks
+    /// the host functions of `--device` before creating anything (they
+    /// are added by [`DeviceManager::add_vfio_devices`]).
     pub fn create_devices(
         &mut self,
         config: &VmConfig,
