@@ -49,6 +49,12 @@ pub(crate) enum ChainError {
         /// The limit that was exceeded.
         max: usize,
     },
+    /// The chain stops at a descriptor that still has NEXT set: it loops,
+    /// names a descriptor beyond its table, or runs into a descriptor or
+    /// indirect table that cannot be read. A loop would otherwise hand the
+    /// device the same buffers up to a queue size of times.
+    #[error("descriptor chain cut short (loop, bad next index or unreadable descriptor)")]
+    CutShort,
 }
 
 /// The buffers of a chain whose descriptors all go in one direction.
@@ -79,7 +85,8 @@ pub(crate) fn collect_bufs(
 
 /// Splits `chain` into its device-readable part and the device-writable
 /// part that must follow it (virtio 1.2 §2.7.4.2), each inside guest memory
-/// and within its byte limit. Empty descriptors are skipped.
+/// and within its byte limit, and ending properly (no loop). Empty
+/// descriptors are skipped.
 pub(crate) fn collect_split(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
@@ -88,7 +95,12 @@ pub(crate) fn collect_split(
 ) -> Result<(ChainBufs, ChainBufs), ChainError> {
     let mut readable = ChainBufs::default();
     let mut writable = ChainBufs::default();
+    // virtio-queue's iterator ends a bad chain early rather than failing;
+    // only a last descriptor without NEXT shows the chain is whole. An
+    // empty chain (unreadable head or indirect table) is cut short too.
+    let mut whole = false;
     for desc in chain {
+        whole = !desc.has_next();
         if desc.len() == 0 {
             continue;
         }
@@ -116,6 +128,9 @@ pub(crate) fn collect_split(
             addr: desc.addr(),
             len,
         });
+    }
+    if !whole {
+        return Err(ChainError::CutShort);
     }
     Ok((readable, writable))
 }
@@ -376,7 +391,77 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_ring::{guest_memory, Desc, RecordingInterrupt, TestRing};
+    use crate::test_ring::{guest_memory, Desc, RecordingInterrupt, TestRing, F_INDIRECT, F_NEXT};
+
+    /// Pops the next chain of `queue` and collects it.
+    fn collect_next(
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<(ChainBufs, ChainBufs), ChainError> {
+        let chain = queue.pop_descriptor_chain(mem).expect("a chain");
+        collect_split(mem, chain, usize::MAX, usize::MAX)
+    }
+
+    #[test]
+    fn chains_cut_short_are_rejected() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, 0, 8);
+        let mut queue = ring.queue();
+        let looping = |next| Desc {
+            flags: F_NEXT,
+            next,
+            ..Desc::r(0x10_0000, 16)
+        };
+        // A loop onto itself, and one through a second descriptor.
+        ring.set_desc(0, looping(0));
+        ring.publish(0);
+        ring.set_desc(1, looping(2));
+        ring.set_desc(2, looping(1));
+        ring.publish(1);
+        // A next index beyond the table.
+        ring.set_desc(3, looping(200));
+        ring.publish(3);
+        // An indirect table inside an indirect table, and an empty one.
+        let (outer, inner) = (0x20_0000, 0x20_1000);
+        ring.write_indirect_table(
+            outer,
+            &[
+                looping(1),
+                Desc {
+                    flags: F_INDIRECT,
+                    ..Desc::r(inner, 16)
+                },
+            ],
+        );
+        ring.write_indirect_table(inner, &[Desc::r(0x10_0000, 16)]);
+        for (index, len) in [(4, 32), (5, 0)] {
+            ring.set_desc(
+                index,
+                Desc {
+                    flags: F_INDIRECT,
+                    ..Desc::r(outer, len)
+                },
+            );
+            ring.publish(index);
+        }
+        for what in [
+            "self-loop",
+            "2-cycle",
+            "bad next",
+            "nested indirect",
+            "empty table",
+        ] {
+            assert_eq!(
+                collect_next(&mem, &mut queue).err(),
+                Some(ChainError::CutShort),
+                "{what}"
+            );
+        }
+        // A whole chain, ending in an empty descriptor, is fine.
+        ring.add_chain(&[Desc::r(0x10_0000, 16), Desc::w(0x10_1000, 0)]);
+        let (readable, writable) = collect_next(&mem, &mut queue).unwrap();
+        assert_eq!((readable.total, writable.total), (16, 0));
+    }
 
     #[test]
     fn serve_chains_puts_back_a_chain_the_device_cannot_take() {

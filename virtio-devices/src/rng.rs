@@ -290,39 +290,53 @@ impl RngFiller {
     /// [`MAX_BYTES_PER_REQUEST`]; returns the number of bytes written.
     /// Stops at the first buffer outside guest memory or when the source
     /// runs dry, so the bytes counted are always a prefix of the writable
-    /// part of the chain.
+    /// part of the chain. A chain cut short counts as empty.
     fn fill_chain(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> u32 {
+        let head = chain.head_index();
         let mut written = 0usize;
-        for desc in chain.writable() {
+        let mut filling = true;
+        // Walked to the end even once filling stopped: only a last
+        // descriptor without NEXT shows the chain is whole (see below).
+        let mut whole = false;
+        for desc in chain {
+            whole = !desc.has_next();
+            if !filling || !desc.is_write_only() {
+                continue;
+            }
             let want = (desc.len() as usize).min(MAX_BYTES_PER_REQUEST - written);
             if want == 0 {
-                if written == MAX_BYTES_PER_REQUEST {
-                    break;
-                }
+                filling = written < MAX_BYTES_PER_REQUEST;
                 continue;
             }
             let got = self.read_source(want);
             let Some(bytes) = self.buf.get(..got) else {
-                break;
+                filling = false;
+                continue;
             };
             if let Err(e) = mem.write_slice(bytes, desc.addr()) {
                 log::debug!("virtio-rng: buffer outside guest memory: {e}");
-                break;
+                filling = false;
+                continue;
             }
             written += got;
-            if got < want {
-                break;
-            }
+            filling = got == want;
+        }
+        // A chain cut short (a loop, a bad next index, an unreadable
+        // descriptor) may name one buffer many times: a loop over 64 bytes
+        // would be reported as a queue size times 64. Report nothing for
+        // it, as virtio-blk does; the bytes written are only entropy.
+        if !whole {
+            log::debug!("virtio-rng: chain {head} is cut short; reported empty");
+            return 0;
         }
         // written <= MAX_BYTES_PER_REQUEST.
         written as u32
     }
 
-    /// Reads up to `want` bytes into `buf`; returns how many it got.
     fn read_source(&mut self, want: usize) -> usize {
         let want = want.min(self.buf.len());
         let mut got = 0;
@@ -546,9 +560,44 @@ mod tests {
         let outcome = filler.process_queue(&mem, &mut queue);
         assert!(outcome.error.is_none());
         assert_eq!(ring.used_idx(), 2);
-        // The loop is bounded by the queue size and the per-request cap.
-        assert!(ring.used_elem(0).1 as usize <= MAX_BYTES_PER_REQUEST);
+        // A loop is reported empty, not as 16 times its 4 KiB buffer.
+        assert_eq!(ring.used_elem(0).1, 0);
         assert_eq!(ring.used_elem(1).1, 0);
+    }
+
+    #[test]
+    fn chains_cut_short_are_reported_empty() {
+        let source = counting_source();
+        let mut filler = filler(source.as_path());
+        let mem = memory();
+        let ring = TestRing::new(&mem, 0, 16);
+        let mut queue = ring.queue();
+        let next = |next| Desc {
+            flags: F_WRITE | F_NEXT,
+            next,
+            ..Desc::w(BUF, 64)
+        };
+        // A 64-byte buffer in a loop, a next index beyond the table, and a
+        // whole chain whose cap is reached before its end.
+        ring.set_desc(0, next(0));
+        ring.publish(0);
+        ring.set_desc(1, next(300));
+        ring.publish(1);
+        ring.set_desc(
+            2,
+            Desc {
+                flags: F_WRITE | F_NEXT,
+                next: 3,
+                ..Desc::w(BUF, MAX_BYTES_PER_REQUEST as u32)
+            },
+        );
+        ring.set_desc(3, Desc::w(BUF + 0x1000, 64));
+        ring.publish(2);
+        filler.process_queue(&mem, &mut queue);
+        assert_eq!(ring.used_idx(), 3);
+        assert_eq!(ring.used_elem(0).1, 0);
+        assert_eq!(ring.used_elem(1).1, 0);
+        assert_eq!(ring.used_elem(2).1, MAX_BYTES_PER_REQUEST as u32);
     }
 
     #[test]
