@@ -36,6 +36,13 @@ pub enum VirtioInterruptType {
 pub trait VirtioInterrupt: Send + Sync {
     /// Raises `int_type`.
     fn trigger(&self, int_type: VirtioInterruptType) -> std::io::Result<()>;
+
+    /// The device stopped using a queue the driver broke and will do
+    /// nothing more until it is reset: the transport sets
+    /// DEVICE_NEEDS_RESET and raises a configuration interrupt (virtio 1.2
+    /// §2.1.2), so the driver learns it instead of waiting forever. The
+    /// default, for transports that cannot tell the driver, does nothing.
+    fn set_needs_reset(&self) {}
 }
 
 /// One enabled queue handed to a device at activation.

@@ -261,6 +261,7 @@ impl WorkerHandler for RngHandler {
         if let Some(e) = outcome.error {
             log::error!("virtio-rng: queue stopped until reset: {e}");
             q.broken = true;
+            self.interrupt.set_needs_reset();
         }
     }
 }

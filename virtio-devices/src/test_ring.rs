@@ -254,6 +254,8 @@ pub fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 pub struct RecordingInterrupt {
     /// Interrupts in the order raised.
     pub fired: Mutex<Vec<VirtioInterruptType>>,
+    /// How many times the device asked for a reset.
+    pub needs_reset: Mutex<usize>,
 }
 
 impl RecordingInterrupt {
@@ -272,5 +274,9 @@ impl VirtioInterrupt for RecordingInterrupt {
     fn trigger(&self, int_type: VirtioInterruptType) -> std::io::Result<()> {
         self.fired.lock().unwrap().push(int_type);
         Ok(())
+    }
+
+    fn set_needs_reset(&self) {
+        *self.needs_reset.lock().unwrap() += 1;
     }
 }

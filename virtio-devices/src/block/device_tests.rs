@@ -197,6 +197,27 @@ fn worker_serves_queues_and_queue_reset_works() {
 }
 
 #[test]
+fn a_broken_queue_asks_for_a_reset() {
+    let file = image(16 * 512);
+    let mut block = Block::new(BlockConfig::new(file.as_path())).unwrap();
+    let mem = memory();
+    let ring = TestRing::new(&mem, 0, 16);
+    let (qa, kick) = ring.activation(0);
+    let irq = Arc::new(RecordingInterrupt::default());
+    block.activate(atomic(&mem), irq.clone(), vec![qa]).unwrap();
+    // An available index 1000 ahead of a 16-entry ring.
+    ring.set_avail_idx(1000);
+    kick.write(1).unwrap();
+    assert!(wait_until(|| *irq.needs_reset.lock().unwrap() == 1));
+    // Stopped: later notifications neither complete nor ask again.
+    kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(ring.used_idx(), 0);
+    assert_eq!(*irq.needs_reset.lock().unwrap(), 1);
+    block.reset();
+}
+
+#[test]
 fn activation_rejects_bad_queue_sets() {
     let rig = Rig::new(512);
     let mut block = rig.block;

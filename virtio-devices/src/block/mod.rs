@@ -402,6 +402,7 @@ impl BlockHandler {
         if let Some(e) = outcome.error {
             log::error!("virtio-blk: queue {index} stopped until reset: {e}");
             slot.broken = true;
+            self.interrupt.set_needs_reset();
         }
     }
 }

@@ -27,6 +27,10 @@
 //!
 //! MSI-X vectors outside the table read back as NO_VECTOR, which is how
 //! drivers detect that a vector could not be assigned.
+//!
+//! NEEDS_RESET is set, with a configuration interrupt, when activation or a
+//! queue restart fails, and when the running device stops a queue the
+//! driver broke (`VirtioInterrupt::set_needs_reset`).
 
 use std::sync::{Arc, Mutex};
 
@@ -176,9 +180,14 @@ impl CommonConfig {
         }
     }
 
-    /// The device status register.
+    /// The device status register, with NEEDS_RESET if the device's
+    /// worker asked for it.
     pub(crate) fn status(&self) -> u8 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     /// The features the driver wrote (accepted once FEATURES_OK is set).
@@ -270,7 +279,7 @@ impl CommonConfig {
             Field::MsixConfig => self.interrupt.config_vector().into(),
             // At most MAX_QUEUES, checked at construction.
             Field::NumQueues => self.queues.len() as u64,
-            Field::DeviceStatus => self.status.into(),
+            Field::DeviceStatus => self.status().into(),
             Field::ConfigGeneration => {
                 // Truncation is the point: any change of either counter
                 // changes the byte the driver compares.

@@ -8,7 +8,7 @@
 //! (and joins the worker) would deadlock. Lock order: MSI-X, then the line.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pci::{IntxInterrupt, MsixConfig};
@@ -48,6 +48,9 @@ pub struct VirtioPciInterrupt {
     /// Bumped on every configuration change interrupt; folded into
     /// `config_generation`.
     config_changes: AtomicU8,
+    /// Set by the device's worker ([`VirtioInterrupt::set_needs_reset`]);
+    /// reads as DEVICE_NEEDS_RESET in device_status until the reset.
+    needs_reset: AtomicBool,
 }
 
 impl VirtioPciInterrupt {
@@ -66,6 +69,7 @@ impl VirtioPciInterrupt {
                 .collect(),
             line: Mutex::new(Line::default()),
             config_changes: AtomicU8::new(0),
+            needs_reset: AtomicBool::new(false),
         }
     }
 
@@ -102,6 +106,11 @@ impl VirtioPciInterrupt {
         self.config_changes.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Whether the device asked for a reset since the last one.
+    pub(crate) fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
     /// The ISR status without side effects.
     pub fn isr(&self) -> u8 {
         lock(&self.line).isr
@@ -135,8 +144,11 @@ impl VirtioPciInterrupt {
         self.update_line(&mut line);
     }
 
-    /// Device reset: no vectors, ISR clear, line low.
+    /// Device reset: no vectors, ISR clear, line low, no reset needed.
+    /// Called once the device's worker has stopped, so nothing sets
+    /// `needs_reset` again behind it.
     pub(crate) fn reset(&self) {
+        self.needs_reset.store(false, Ordering::Release);
         self.set_config_vector(VIRTIO_MSI_NO_VECTOR);
         for v in self.queue_vectors.iter() {
             v.store(VIRTIO_MSI_NO_VECTOR, Ordering::Release);
@@ -197,5 +209,14 @@ impl VirtioInterrupt for VirtioPciInterrupt {
         drop(msix);
         self.update_line(&mut line);
         Ok(())
+    }
+
+    fn set_needs_reset(&self) {
+        // One configuration interrupt per reset, however often it is asked.
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.trigger(VirtioInterruptType::Config) {
+                log::warn!("virtio-pci: cannot raise the configuration interrupt: {e}");
+            }
+        }
     }
 }

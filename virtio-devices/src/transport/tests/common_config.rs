@@ -340,6 +340,29 @@ fn failed_activation_sets_needs_reset_and_raises_a_config_interrupt() {
 }
 
 #[test]
+fn a_device_asking_for_a_reset_shows_needs_reset_until_the_reset() {
+    let mut h = Harness::new();
+    h.enable_msix(4);
+    h.w16(MSIX_CONFIG, 3);
+    h.negotiate(F_VERSION_1);
+    h.setup_queue(0, 64, 0x1000);
+    h.driver_ok();
+    h.group.take_events();
+    let interrupt = h.state().interrupt.clone().expect("device activated");
+    // Asked twice (e.g. by two broken queues): one configuration interrupt.
+    interrupt.set_needs_reset();
+    interrupt.set_needs_reset();
+    assert_eq!(h.r8(DEVICE_STATUS), 0x0f | DEVICE_NEEDS_RESET);
+    assert_eq!(h.group.take_triggered(), vec![3]);
+    h.w8(DEVICE_STATUS, 0);
+    assert_eq!(h.r8(DEVICE_STATUS), 0);
+    h.negotiate(F_VERSION_1);
+    h.setup_queue(0, 64, 0x1000);
+    h.driver_ok();
+    assert_eq!(h.r8(DEVICE_STATUS), 0x0f);
+}
+
+#[test]
 fn sixteen_bit_fields_take_byte_accesses() {
     let mut h = Harness::new();
     h.w8(QUEUE_SELECT, 2);
