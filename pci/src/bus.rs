@@ -238,25 +238,25 @@ impl PciRoot {
         };
         let mut device = lock(device);
         let size = device.config_space_size() as u64;
-        let mut moves = Vec::new();
+        // Each dword piece's moves are applied (or rolled back) before the
+        // next piece is written: a qword write over both halves of a 64-bit
+        // BAR must see the BAR where the first half left it.
         for_each_dword_piece(offset, data.len(), |at, start, len| {
-            if at < size {
-                moves.extend(device.write_config_register(
-                    (at / 4) as usize,
-                    at % 4,
-                    &data[start..start + len],
-                ));
+            if at >= size {
+                return;
+            }
+            let moves =
+                device.write_config_register((at / 4) as usize, at % 4, &data[start..start + len]);
+            for params in moves {
+                let Some(relocation) = &self.relocation else {
+                    continue;
+                };
+                if let Err(e) = relocation.move_bar(&params, &mut *device) {
+                    log::warn!("{bdf}: {e}; BAR {} left in place", params.bar_index);
+                    device.restore_bar(&params);
+                }
             }
         });
-        for params in moves {
-            let Some(relocation) = &self.relocation else {
-                continue;
-            };
-            if let Err(e) = relocation.move_bar(&params, &mut *device) {
-                log::warn!("{bdf}: {e}; BAR {} left in place", params.bar_index);
-                device.restore_bar(&params);
-            }
-        }
     }
 }
 

@@ -60,10 +60,12 @@ impl PciDevice for TestDevice {
     }
 }
 
-/// Records moves, refusing those to addresses in `refuse_from..`.
+/// Records moves, refusing those to addresses in `refuse_from..` or below
+/// `refuse_below`.
 struct Relocator {
     moves: Mutex<Vec<BarReprogrammingParams>>,
     refuse_from: u64,
+    refuse_below: u64,
 }
 
 impl DeviceRelocation for Relocator {
@@ -72,7 +74,7 @@ impl DeviceRelocation for Relocator {
         params: &BarReprogrammingParams,
         _device: &mut dyn PciDevice,
     ) -> Result<(), PciError> {
-        if params.new_base >= self.refuse_from {
+        if params.new_base >= self.refuse_from || params.new_base < self.refuse_below {
             return Err(PciError::BarRelocation {
                 index: params.bar_index,
                 old_base: params.old_base,
@@ -86,9 +88,14 @@ impl DeviceRelocation for Relocator {
 }
 
 fn root_with_device(extended: bool) -> (Arc<Mutex<PciRoot>>, Arc<Relocator>) {
+    root_refusing(extended, 0)
+}
+
+fn root_refusing(extended: bool, refuse_below: u64) -> (Arc<Mutex<PciRoot>>, Arc<Relocator>) {
     let relocator = Arc::new(Relocator {
         moves: Mutex::new(Vec::new()),
         refuse_from: 0x10_0000_0000,
+        refuse_below,
     });
     let mut root = PciRoot::new(Some(relocator.clone()));
     root.add_device(
@@ -351,4 +358,30 @@ fn poisoned_device_lock_still_answers() {
     .join();
     let mut io = PciConfigIo::new(root);
     assert_eq!(io_read(&mut io, DEV, 0, 4), 0x1041_1af4);
+}
+
+#[test]
+fn qword_write_over_a_64bit_bar_applies_each_half_in_turn() {
+    // Found by the config-space fuzzer: the moves of both dwords used to be
+    // applied after the whole write, so after the first was refused and
+    // rolled back the second reached the VMM from an address never mapped.
+    // Here everything below 4 GiB is "RAM" and refused.
+    let (root, relocator) = root_refusing(false, 0x1_0000_0000);
+    let mut mmio = PciConfigMmio::new(root, 1);
+    mmio.write(
+        0,
+        ecam_offset(DEV, 0x04),
+        &COMMAND_MEMORY_SPACE.to_le_bytes(),
+    );
+    mmio.write(0, ecam_offset(DEV, 0x10), &[0xff; 4]);
+    mmio.write(0, ecam_offset(DEV, 0x14), &[0; 4]);
+    // The low half alone (address 0) is refused and rolled back to
+    // 0x1_0000_0000; the high half then moves the BAR from there.
+    mmio.write(0, ecam_offset(DEV, 0x10), &0x2_0000_0000u64.to_le_bytes());
+    let moves = relocator.moves.lock().unwrap().clone();
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0].old_base, 0x1_0000_0000);
+    assert_eq!(moves[0].new_base, 0x2_0000_0000);
+    assert_eq!(ecam_read(&mut mmio, DEV, 0x10, 4), 0x4);
+    assert_eq!(ecam_read(&mut mmio, DEV, 0x14, 4), 0x2);
 }

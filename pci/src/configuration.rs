@@ -558,10 +558,11 @@ impl PciConfiguration {
         let Some((_, reg)) = self.bar_slot(index) else {
             return false;
         };
-        // Only the ROM BAR has a writable bit 0 (its enable), which is not
-        // an address bit.
+        // The ROM BAR's writable bit 0 is its enable, not an address bit; in
+        // the upper dword of a 64-bit BAR bit 0 is address bit 32.
         let all_ones = |r: usize| {
-            let address_bits = self.writable[r] & !ROM_ENABLE;
+            let enable = if r == ROM_BAR_REG { ROM_ENABLE } else { 0 };
+            let address_bits = self.writable[r] & !enable;
             address_bits != 0 && self.registers[r] & address_bits == address_bits
         };
         let upper = self.bars.get(index + 1) == Some(&BarSlot::Upper) && index != ROM_BAR_INDEX;

@@ -555,3 +555,15 @@ fn extended_capabilities_chain_above_256() {
     write(&mut config, 0x11c, 4, 0xffff_ffff);
     assert_eq!(read32(&config, 0x11c), 0x0403_02ff);
 }
+
+#[test]
+fn upper_dword_bit0_of_a_64bit_bar_is_an_address_bit() {
+    // Found by the config-space fuzzer: an upper dword of 0xFFFF_FFFE was
+    // taken for a sizing pattern, so the move was never reported.
+    let mut config = config_with_bars();
+    write(&mut config, 0x04, 2, u32::from(COMMAND_MEMORY_SPACE));
+    let moves = write(&mut config, 0x1c, 4, 0xffff_fffe);
+    assert_eq!(moves.len(), 1);
+    assert_eq!(moves[0].new_base, 0xffff_fffe_0000_0000);
+    assert_eq!(config.bar_mapped_address(2), Some(0xffff_fffe_0000_0000));
+}

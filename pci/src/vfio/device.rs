@@ -105,6 +105,17 @@ pub struct VfioPciDevice {
     mmaps: Vec<BarMmap>,
     mapper: Arc<dyn GuestMemoryMapper>,
     mmio_windows: Vec<(u64, u64)>,
+    stats: VfioAccessStats,
+}
+
+/// How guest BAR accesses reached the device (those that exited to the
+/// VMM: direct-mapped ones never do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfioAccessStats {
+    /// Accesses forwarded with VFIO region reads and writes.
+    pub forwarded: u64,
+    /// Accesses to the emulated MSI-X table or PBA.
+    pub msix: u64,
 }
 
 impl VfioPciDevice {
@@ -255,6 +266,7 @@ impl VfioPciDevice {
             mmaps: Vec::new(),
             mapper: res.mapper,
             mmio_windows: res.mmio_windows,
+            stats: VfioAccessStats::default(),
         };
         device.mmap_bars(res.page_size);
         // Nothing enabled MSI yet: this turns INTx on, if the function has it.
@@ -327,6 +339,20 @@ impl VfioPciDevice {
     /// The configuration layout in use.
     pub fn layout(&self) -> &ConfigLayout {
         &self.layout
+    }
+
+    /// The BAR areas that are mmapped (and mapped into the guest while
+    /// memory decoding is on), as (BAR index, area).
+    pub fn mmapped_areas(&self) -> Vec<(usize, MmapChunk)> {
+        self.mmaps
+            .iter()
+            .flat_map(|b| b.chunks.iter().map(move |c| (b.index, c.chunk)))
+            .collect()
+    }
+
+    /// How many guest BAR accesses exited to the VMM, by where they went.
+    pub fn access_stats(&self) -> VfioAccessStats {
+        self.stats
     }
 
     /// VM shutdown: stops VFIO interrupts, removes the memory slots and
@@ -466,6 +492,21 @@ impl VfioPciDevice {
             i = end;
         }
         runs
+    }
+}
+
+impl VfioPciDevice {
+    /// Counts one trapped access by where its bytes go.
+    fn count(&mut self, runs: &[(BarTarget, u64, usize, usize)]) {
+        if runs.iter().any(|r| r.0 == BarTarget::Region) {
+            self.stats.forwarded += 1;
+        }
+        if runs
+            .iter()
+            .any(|r| matches!(r.0, BarTarget::MsixTable(_) | BarTarget::MsixPba(_)))
+        {
+            self.stats.msix += 1;
+        }
     }
 }
 
@@ -613,7 +654,9 @@ impl PciDevice for VfioPciDevice {
         let Some(bar) = self.bar_at(base) else {
             return;
         };
-        for (target, at, from, to) in self.bar_runs(&bar, offset, data.len()) {
+        let runs = self.bar_runs(&bar, offset, data.len());
+        self.count(&runs);
+        for (target, at, from, to) in runs {
             let out = &mut data[from..to];
             match target {
                 BarTarget::Region => {
@@ -645,7 +688,9 @@ impl PciDevice for VfioPciDevice {
             // Read-only memory.
             return;
         }
-        for (target, at, from, to) in self.bar_runs(&bar, offset, data.len()) {
+        let runs = self.bar_runs(&bar, offset, data.len());
+        self.count(&runs);
+        for (target, at, from, to) in runs {
             let bytes = &data[from..to];
             match target {
                 BarTarget::Region => {

@@ -46,7 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use bars::{mmap_chunks, BarInfo, MmapChunk};
 pub use config::{ConfigLayout, KEPT_CAPABILITIES, KEPT_EXTENDED_CAPABILITIES};
-pub use device::{VfioDeviceInfo, VfioPciDevice, VfioResources};
+pub use device::{VfioAccessStats, VfioDeviceInfo, VfioPciDevice, VfioResources};
 pub use irq::IntxEventFds;
 
 /// VFIO region index of BAR 0 (BARs 1-5 follow).

@@ -344,6 +344,11 @@ fn trapped_bar_accesses_are_forwarded_or_emulated() {
     assert_eq!(f.bar_read(BAR2, 0x2ffe, 4), [0xfe, 0xff, 0xff, 0xff]);
     // Nothing decoded at an unknown base.
     assert_eq!(f.bar_read(0xdead_0000, 0, 4), [0xff; 4]);
+    // Five accesses reached the device's regions (the straddling one
+    // counts for both kinds; bytes past a region reach nothing), six the
+    // table or PBA.
+    let stats = f.dev.access_stats();
+    assert_eq!((stats.forwarded, stats.msix), (5, 6));
 }
 
 #[test]
