@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use arbitrary::{Arbitrary, Unstructured};
 
 use crate::pci_config::ops::{encode, Func, IoWidth, Op, Width};
-use crate::pci_config::{run, run_with, Harness};
+use crate::pci_config::run;
 
 use Func::{Bus1, Device, EmptySlot, HostBridge};
 
@@ -257,41 +257,29 @@ fn every_seed_file_runs() {
     }
 }
 
-/// `KnownBugs::multi_dword_bar_moves`, as found by the fuzzer and
+/// Regression: moves of a multi-dword write, as found by the fuzzer and
 /// minimized: with memory decoding on, the guest sizes BAR 0's low dword,
 /// zeroes the high one (still sizing), then writes the BAR back with one
 /// qword: the intermediate address 0 is refused (guest RAM), and the second
 /// move reaches the VMM with `old_base` 0.
 #[test]
-#[ignore = "known pci bug: the moves of a multi-dword write are applied after all its pieces"]
 fn qword_write_to_64bit_bar_after_refused_move() {
-    let mut harness = Harness::new();
-    harness.known_bugs.multi_dword_bar_moves = false;
-    run_with(
-        harness,
-        &[
-            ecam_w(0x04, Width::Two, 0x0002),
-            ecam_w(0x10, Width::Four, 0xffff_ffff),
-            ecam_w(0x14, Width::Four, 0),
-            ecam_w(0x10, Width::Eight, 0x2_0000_0000),
-        ],
-    );
+    run(&[
+        ecam_w(0x04, Width::Two, 0x0002),
+        ecam_w(0x10, Width::Four, 0xffff_ffff),
+        ecam_w(0x14, Width::Four, 0),
+        ecam_w(0x10, Width::Eight, 0x2_0000_0000),
+    ]);
 }
 
-/// `KnownBugs::upper_bar_bit0_sizing`, as found by the fuzzer and
+/// Regression: bit 0 of a 64-bit BAR's upper dword, as found by the fuzzer and
 /// minimized: with memory decoding on, the guest moves BAR 0 (16 KiB,
 /// 64-bit) to 0xFFFF_FFFE_0000_0000; no move is reported, so the BAR reads
 /// back there while it stays mapped at 0x1_0000_0000.
 #[test]
-#[ignore = "known pci bug: bit 0 of a 64-bit BAR's upper dword is not an address bit to bar_is_sizing"]
 fn upper_dword_fffffffe_is_not_sizing() {
-    let mut harness = Harness::new();
-    harness.known_bugs.upper_bar_bit0_sizing = false;
-    run_with(
-        harness,
-        &[
-            ecam_w(0x04, Width::Two, 0x0002),
-            ecam_w(0x14, Width::Four, 0xffff_fffe),
-        ],
-    );
+    run(&[
+        ecam_w(0x04, Width::Two, 0x0002),
+        ecam_w(0x14, Width::Four, 0xffff_fffe),
+    ]);
 }

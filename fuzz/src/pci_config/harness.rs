@@ -17,7 +17,7 @@ use super::device::{
 };
 use super::ops::{config_address, ecam_offset, Op};
 use super::vmm::{lock, Vmm};
-use super::{KnownBugs, ECAM_BUSES, ECAM_WINDOW_SIZE, KNOWN_BUGS};
+use super::{ECAM_BUSES, ECAM_WINDOW_SIZE};
 
 /// The test function's address.
 pub fn dev() -> PciBdf {
@@ -98,8 +98,6 @@ pub struct Harness {
     pub(super) msi_pending: u32,
     /// Current step and op, for messages.
     pub(super) step: Option<(usize, Op)>,
-    /// Which known `pci` bugs to step around.
-    pub known_bugs: KnownBugs,
 }
 
 fn set_mask(mask: &mut Snapshot, at: usize, bits: &[u8]) {
@@ -249,7 +247,6 @@ impl Harness {
             msix_pending: vec![false; usize::from(MSIX_VECTORS)],
             msi_pending: 0,
             step: None,
-            known_bugs: KNOWN_BUGS,
         };
         harness.initial = harness.snapshot(dev());
         harness.host_initial = harness.snapshot(PciBdf::new(0, 0, 0));
@@ -468,29 +465,7 @@ impl Harness {
     fn ecam_write(&mut self, offset: u64, data: &[u8]) -> Effect {
         let target = ecam_decode(offset, data.len());
         let effect = self.config_write_effect(target, data);
-        let spans_64bit_bar = |reg: u64| {
-            let end = reg + data.len() as u64;
-            BARS.iter()
-                .filter(|b| b.region == PciBarRegionType::Memory64BitRegion)
-                .any(|b| {
-                    let lo = bar_reg(b.index) as u64;
-                    reg < lo + 4 && end > lo + 4
-                })
-        };
-        let split = self.known_bugs.multi_dword_bar_moves
-            && matches!(target, Some((bdf, reg)) if bdf == dev() && spans_64bit_bar(reg));
-        if split {
-            // One dword piece at a time (see KnownBugs::multi_dword_bar_moves).
-            let mut done = 0;
-            while done < data.len() {
-                let at = offset + done as u64;
-                let len = (4 - (at % 4) as usize).min(data.len() - done);
-                self.ecam.write(0, at, &data[done..done + len]);
-                done += len;
-            }
-        } else {
-            self.ecam.write(0, offset, data);
-        }
+        self.ecam.write(0, offset, data);
         effect
     }
 

@@ -437,9 +437,6 @@ impl Harness {
             let reg = bar_reg(i);
             let (lo_bits, hi_bits) = bar_address_bits(&spec);
             let all_ones = |value: u32, bits: u32| bits != 0 && value & bits == bits;
-            // The upper dword's bit 0 is an address bit; see KnownBugs.
-            let bit0_ignored = self.known_bugs.upper_bar_bit0_sizing;
-            let hi_bits = hi_bits.map(|bits| if bit0_ignored { bits & !1 } else { bits });
             let sizing = all_ones(u32_at(cur, reg), lo_bits)
                 || hi_bits.is_some_and(|bits| all_ones(u32_at(cur, reg + 4), bits));
             let decoding = match spec.region {
