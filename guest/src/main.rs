@@ -13,6 +13,7 @@ mod arch;
 mod bench;
 mod boot;
 mod hal;
+mod hostile;
 mod interrupts;
 mod mem;
 mod pci;
@@ -104,6 +105,10 @@ pub struct Config {
     pub selftest: &'static str,
     /// `expect_ro=1`: the disk is read-only; check that writes are refused.
     pub expect_ro: bool,
+    /// `mode=hostile`: the hostile-driver survival suite instead of the checks.
+    pub hostile: bool,
+    /// `hostile_only=<prefix>`: only the hostile actions named so.
+    pub hostile_only: &'static str,
 }
 
 /// Devices the host attached.
@@ -127,11 +132,17 @@ impl Config {
             bench_ms: 2_000,
             selftest: "",
             expect_ro: false,
+            hostile: false,
+            hostile_only: "",
         };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
-                "mode" => cfg.bench = value == "bench",
+                "mode" => {
+                    cfg.bench = value == "bench";
+                    cfg.hostile = value == "hostile";
+                }
+                "hostile_only" => cfg.hostile_only = value,
                 "expect" => {
                     for dev in value.split(',') {
                         match dev {
@@ -341,7 +352,12 @@ extern "C" fn guest_main(start_info: u32) -> ! {
         "panic" => panic!("selftest"),
         _ => {}
     }
-    tests::run(&mut ctx);
+    if ctx.cfg.hostile {
+        let only = ctx.cfg.hostile_only;
+        hostile::run(&mut ctx, si, only);
+    } else {
+        tests::run(&mut ctx);
+    }
     if ctx.cfg.bench {
         bench::run(&mut ctx);
     }
