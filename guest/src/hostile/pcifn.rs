@@ -246,6 +246,28 @@ fn extended_config(hx: &mut Hx, dev: &mut Dev) -> Res {
     Ok("ignored, all ones".into())
 }
 
+/// PCI says a function with Bus Master Enable clear issues no memory
+/// requests; trellis does not document either way, so both outcomes pass
+/// and the detail says which one happened.
+fn bus_master_off(hx: &mut Hx, dev: &mut Dev) -> Res {
+    dev.init(INDIRECT_DESC, QSIZE)?;
+    let command = hx.pci.read(dev.df, 4) & 0xffff;
+    hx.pci.write(dev.df, 4, command & !CMD_MASTER);
+    dev.queue_good();
+    dev.kick(0);
+    let served = dev.wait_used(0, 200);
+    hx.pci.write(dev.df, 4, command);
+    let how = match served {
+        Some(_) => "served (DMA not gated)",
+        None => {
+            dev.kick(0);
+            dev.check_good()?;
+            "held until bus mastering was back"
+        }
+    };
+    Ok(fmt!("request with bus mastering off: {how}"))
+}
+
 fn bar_sizing_live(hx: &mut Hx, dev: &mut Dev) -> Res {
     dev.init(INDIRECT_DESC, QSIZE)?;
     let df = dev.df;
@@ -397,6 +419,11 @@ pub const ACTIONS: &[Action] = &[
         name: "pci-extended-config",
         kind: Kind::Blk,
         run: extended_config,
+    },
+    Action {
+        name: "pci-bus-master-off",
+        kind: Kind::Blk,
+        run: bus_master_off,
     },
     Action {
         name: "pci-bar-sizing-live",
