@@ -273,7 +273,7 @@ impl PciConfiguration {
 
         let touches_bar = (BAR0_REG..BAR0_REG + BAR_COUNT).contains(&reg_idx);
         if reg_idx == COMMAND_REG || reg_idx == ROM_BAR_REG || touches_bar {
-            self.detect_bar_moves()
+            self.detect_bar_moves(reg_idx)
         } else {
             Vec::new()
         }
@@ -569,11 +569,14 @@ impl PciConfiguration {
         all_ones(reg) || (upper && all_ones(reg + 1))
     }
 
-    /// Compares each decoded BAR with where its owner has it mapped. A BAR
-    /// only moves while its decoding is enabled, so the transient values of
-    /// sizing, or of a 64-bit BAR rewritten half by half with decoding off,
-    /// never reach the owner.
-    fn detect_bar_moves(&mut self) -> Vec<BarReprogrammingParams> {
+    /// Compares each decoded BAR with where its owner has it mapped, after
+    /// a write to register `written`. A BAR only moves while its decoding
+    /// is enabled, so the transient values of a 64-bit BAR rewritten half by
+    /// half with decoding off never reach the owner. A write of all ones to
+    /// a decoding BAR's own registers is sizing, not a move; but when
+    /// decoding is turned on, whatever the BARs hold is where they decode,
+    /// so an all-ones value left there is a move like any other.
+    fn detect_bar_moves(&mut self, written: usize) -> Vec<BarReprogrammingParams> {
         let command = self.command();
         let mut moves = Vec::new();
         for index in (0..BAR_COUNT).chain([ROM_BAR_INDEX]) {
@@ -593,7 +596,14 @@ impl PciConfiguration {
                 _ => command & COMMAND_MEMORY_SPACE != 0,
             };
             let rom_off = index == ROM_BAR_INDEX && self.registers[ROM_BAR_REG] & ROM_ENABLE == 0;
-            if !decoding || rom_off || self.bar_is_sizing(index) {
+            let own_register = match self.bar_slot(index) {
+                Some((_, reg)) if region == PciBarRegionType::Memory64BitRegion => {
+                    written == reg || written == reg + 1
+                }
+                Some((_, reg)) => written == reg,
+                None => false,
+            };
+            if !decoding || rom_off || (own_register && self.bar_is_sizing(index)) {
                 continue;
             }
             let Some(addr) = self.bar_address(index) else {

@@ -567,3 +567,18 @@ fn upper_dword_bit0_of_a_64bit_bar_is_an_address_bit() {
     assert_eq!(moves[0].new_base, 0xffff_fffe_0000_0000);
     assert_eq!(config.bar_mapped_address(2), Some(0xffff_fffe_0000_0000));
 }
+
+#[test]
+fn enabling_decoding_over_an_all_ones_bar_is_a_move_not_sizing() {
+    // Found by the hostile guest: a BAR left holding all ones when decoding
+    // is turned on read back there while the device stayed put.
+    let mut config = config_with_bars();
+    write(&mut config, 0x10, 4, 0xffff_ffff);
+    let moves = write(&mut config, 0x04, 2, u32::from(COMMAND_MEMORY_SPACE));
+    assert_eq!(moves.len(), 1);
+    assert_eq!(moves[0].bar_index, 0);
+    assert_eq!(moves[0].new_base, 0xffff_f000);
+    // The owner refuses it: the BAR is back where it was mapped.
+    config.restore_bar(&moves[0]);
+    assert_eq!(config.bar_address(0), Some(0xc000_0000));
+}

@@ -252,7 +252,8 @@ impl Interrupts {
     /// cannot be told); the mode is then `None` so the next change retries.
     pub(crate) fn sync(&mut self, backend: &dyn VfioBackend, id: &str) {
         let wanted = self.wanted();
-        if wanted == self.mode {
+        let was = self.mode;
+        if wanted == was {
             return;
         }
         self.disable(backend, id);
@@ -276,7 +277,7 @@ impl Interrupts {
         };
         match result {
             Ok(()) => {
-                info!("{id}: VFIO interrupts {:?} -> {wanted:?}", self.mode);
+                info!("{id}: VFIO interrupts {was:?} -> {wanted:?}");
                 self.mode = wanted;
             }
             Err(e) => {
