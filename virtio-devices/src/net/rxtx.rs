@@ -104,6 +104,9 @@ impl NetHandler {
         };
         let mem = self.mem.memory();
         let mut used = false;
+        // For the frame in hand: the most chains past `next_avail` that a
+        // round short of buffers saw, and rounds in a row that saw no more.
+        let mut furthest: Option<u16> = None;
         let mut fruitless = 0;
         loop {
             let len = match state.pending {
@@ -130,14 +133,32 @@ impl NetHandler {
                 Delivery::Done => {
                     state.pending = None;
                     used = true;
-                    fruitless = 0;
+                    (furthest, fruitless) = (None, 0);
                 }
                 Delivery::Dropped { used: returned } => {
                     state.pending = None;
                     used |= returned;
+                    (furthest, fruitless) = (None, 0);
                 }
                 Delivery::NoBuffers { seen } => {
-                    fruitless += 1;
+                    #[cfg(test)]
+                    seam::before_rearm();
+                    // A round that took more chains than the last is
+                    // progress, even though the frame still does not fit:
+                    // it must publish `avail_event = seen` and look again,
+                    // or a driver that added buffers meanwhile never
+                    // notifies again. Only rounds that see no more (a
+                    // driver whose index runs ahead of its ring or moves
+                    // back) count towards giving up, and an earlier round
+                    // then published an `avail_event` at or past `seen`.
+                    // Rounds per frame are bounded by the queue size.
+                    // (`deliver_frame` put `next_avail` back.)
+                    let ahead = seen.wrapping_sub(queue.next_avail());
+                    if furthest.is_some_and(|f| ahead <= f) {
+                        fruitless += 1;
+                    } else {
+                        (furthest, fruitless) = (Some(ahead), 1);
+                    }
                     if !rearm(queue, &mem, seen, fruitless) {
                         break;
                     }
@@ -430,5 +451,31 @@ impl WorkerHandler for NetHandler {
         if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             self.process_rx(i);
         }
+    }
+}
+
+/// Test seam: lets a test play a driver that adds buffers at the worst
+/// moment, after a receive found too few of them and before notifications
+/// are re-armed.
+#[cfg(test)]
+pub(crate) mod seam {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static BEFORE_REARM: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` on this thread each time the receive path is about to
+    /// re-arm notifications for lack of buffers (`None` removes it).
+    pub(crate) fn set_before_rearm(hook: Option<Box<dyn FnMut()>>) {
+        BEFORE_REARM.with(|h| *h.borrow_mut() = hook);
+    }
+
+    pub(super) fn before_rearm() {
+        BEFORE_REARM.with(|h| {
+            if let Some(hook) = h.borrow_mut().as_mut() {
+                hook();
+            }
+        });
     }
 }
