@@ -19,6 +19,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use config::{
     MacAddr, MacParseError, NetConfig, DEFAULT_MTU, DEFAULT_QUEUE_PAIRS, DEFAULT_QUEUE_SIZE,
@@ -286,6 +287,7 @@ impl VirtioDevice for Net {
             mq,
             active_pairs: 1,
             tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
+            rx_resume: EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?,
         };
         let worker =
             DeviceWorker::spawn("virtio-net", handler, notifiers).map_err(ActivateError::Worker)?;

@@ -8,7 +8,7 @@
 //! queue the driver has not enabled (yet) never strands them.
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::EventSet;
@@ -17,6 +17,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use crate::queue::{
@@ -33,6 +34,10 @@ pub const MAX_FRAME_LEN: usize = 65562;
 const MAX_CTRL_LEN: usize = 4096;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
+/// Most frames one receive pass reads from a backend before letting the
+/// worker serve its other events (vhost-net's packet weight): a flood,
+/// even of frames that are all dropped, cannot monopolise the worker.
+pub(crate) const RX_FRAMES_PER_CALL: usize = 256;
 
 /// One backend and the frame it read that no receive buffer took yet.
 pub(crate) struct BackendState {
@@ -42,6 +47,8 @@ pub(crate) struct BackendState {
     pending: Option<usize>,
     /// A write returned WouldBlock; retry transmit when writable.
     tx_blocked: bool,
+    /// Receive stopped at its per-call limit with frames perhaps left.
+    rx_more: bool,
 }
 
 impl BackendState {
@@ -51,6 +58,7 @@ impl BackendState {
             rx_buf: vec![0; MAX_FRAME_LEN],
             pending: None,
             tx_blocked: false,
+            rx_more: false,
         }
     }
 }
@@ -86,13 +94,18 @@ pub(crate) struct NetHandler {
     /// Pairs in use: 1 until the driver sets more with VQ_PAIRS_SET.
     pub(crate) active_pairs: usize,
     pub(crate) tx_buf: Vec<u8>,
+    /// Level-triggered wakeup for receive cut short by
+    /// [`RX_FRAMES_PER_CALL`].
+    pub(crate) rx_resume: EventFd,
 }
 
 impl NetHandler {
     /// Receives into the queues whatever backend `i` has, until it runs dry
     /// or the target receive queue runs out of buffers (then the frame
     /// stays pending and the backend is not read again before the driver
-    /// adds buffers).
+    /// adds buffers), or [`RX_FRAMES_PER_CALL`] frames were read (then the
+    /// worker is woken again through `rx_resume` to read on, after whatever
+    /// else is ready).
     pub(crate) fn process_rx(&mut self, i: usize) {
         let target = i % self.active_pairs.max(1);
         let Some(state) = self.backends.get_mut(i) else {
@@ -102,18 +115,32 @@ impl NetHandler {
             // No receive queue: leave frames in the backend.
             return;
         };
+        state.rx_more = false;
         let mem = self.mem.memory();
         let mut used = false;
+        let mut frames = 0;
         // For the frame in hand: the most chains past `next_avail` that a
         // round short of buffers saw, and rounds in a row that saw no more.
         let mut furthest: Option<u16> = None;
         let mut fruitless = 0;
         loop {
+            if state.pending.is_none() && frames >= RX_FRAMES_PER_CALL {
+                // The edge-triggered backend will not wake us for the
+                // frames it still holds.
+                state.rx_more = true;
+                if let Err(e) = self.rx_resume.write(1) {
+                    log::error!("virtio-net: cannot reschedule receive: {e}");
+                }
+                break;
+            }
             let len = match state.pending {
                 Some(len) => len,
                 None => match state.backend.read_frame(&mut state.rx_buf) {
                     Ok(0) => break,
-                    Ok(len) => len,
+                    Ok(len) => {
+                        frames += 1;
+                        len
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -167,6 +194,18 @@ impl NetHandler {
         }
         if used {
             signal_used(queue, &mem, self.interrupt.as_ref(), rx_index(target));
+        }
+    }
+
+    /// Reads on from the backends that [`process_rx`](Self::process_rx)
+    /// left with frames to spare.
+    fn resume_rx(&mut self) {
+        // Nothing to read means a stale wakeup: harmless.
+        let _ = self.rx_resume.read();
+        for i in 0..self.backends.len() {
+            if self.backends[i].rx_more {
+                self.process_rx(i);
+            }
         }
     }
 
@@ -438,10 +477,15 @@ impl WorkerHandler for NetHandler {
                     EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 )
             })
+            .chain([(self.rx_resume.as_raw_fd(), EventSet::IN)])
             .collect()
     }
 
     fn backend_event(&mut self, fd: RawFd, events: EventSet) {
+        if fd == self.rx_resume.as_raw_fd() {
+            self.resume_rx();
+            return;
+        }
         let Some(i) = self.backend_by_fd(fd) else {
             return;
         };
