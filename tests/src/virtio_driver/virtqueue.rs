@@ -231,6 +231,23 @@ impl SplitQueue {
         }
     }
 
+    /// Asks for an interrupt when the device uses the next buffer, as a
+    /// driver re-enabling callbacks does. With `event_idx` this moves
+    /// `used_event` up to the used entries popped so far (otherwise only
+    /// [`publish`](Self::publish) moves it, so buffers made available in a
+    /// batch interrupt once); without it there is nothing to do, since this
+    /// driver never sets VIRTQ_AVAIL_F_NO_INTERRUPT.
+    pub fn enable_interrupts(&self) -> Result<(), DriverError> {
+        if self.event_idx {
+            let used_event = self.avail + 4 + 2 * u64::from(self.size);
+            self.write(self.last_used, used_event)?;
+            // The device must see the new used_event before the driver
+            // looks at the used ring again.
+            fence(Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     /// Number of free descriptors.
     pub fn free_descriptors(&self) -> usize {
         self.free.len()

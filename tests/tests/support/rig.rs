@@ -56,11 +56,22 @@ pub struct Rig {
 }
 
 impl Rig {
-    /// Plugs `device` in behind the transport.
+    /// Plugs `device` in behind the transport, with [`MEM_SIZE`] bytes of
+    /// guest RAM at 0.
     pub fn new<D: VirtioDevice + 'static>(device: D) -> Self {
+        Self::with_memory(device, &[(GuestAddress(0), MEM_SIZE)])
+    }
+
+    /// Plugs `device` in behind the transport, with guest RAM at `ranges`
+    /// (e.g. some above 4 GiB, so that the high half of a queue address
+    /// matters).
+    pub fn with_memory<D: VirtioDevice + 'static>(
+        device: D,
+        ranges: &[(GuestAddress, usize)],
+    ) -> Self {
         let msix = Arc::new(RecordingInterruptGroup::new(msix_vector_count(&device)));
         let intx = Arc::new(Line::default());
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(ranges).unwrap();
         let dev = VirtioPciDevice::new(
             "dev0".into(),
             Arc::new(Mutex::new(device)),
