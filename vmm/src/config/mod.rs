@@ -286,9 +286,11 @@ fn first_line_of_clap_error(text: &str) -> String {
 
 /// The `log` filter for a verbosity level: warnings from everything and
 /// info from the binary (which includes the PCI topology) by default.
+/// vfio-ioctls warns about interrupt kinds a device lacks (error and
+/// request interrupts); by default only its errors show.
 pub fn log_filter(verbosity: u8) -> &'static str {
     match verbosity {
-        0 => "warn,trellis=info",
+        0 => "warn,trellis=info,vfio_ioctls=error",
         1 => "info",
         2 => "debug",
         _ => "trace",

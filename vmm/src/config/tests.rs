@@ -365,7 +365,7 @@ fn help_and_version() {
 
 #[test]
 fn log_filters() {
-    assert_eq!(log_filter(0), "warn,trellis=info");
+    assert_eq!(log_filter(0), "warn,trellis=info,vfio_ioctls=error");
     assert_eq!(log_filter(1), "info");
     assert_eq!(log_filter(9), "trace");
 }

@@ -14,6 +14,8 @@
 //! removed, and is reset; then the DMA mappings go.
 
 mod host;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::path::PathBuf;
@@ -23,14 +25,15 @@ use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use log::{info, warn};
 use pci::vfio::{
-    GuestMemoryMapper, IntxEventFds, VfioBackend, VfioDeviceInfo, VfioPciDevice, VfioResources,
+    BarInfo, GuestMemoryMapper, IntxEventFds, VfioBackend, VfioDeviceInfo, VfioPciDevice,
+    VfioResources,
 };
 use pci::{MsiInterruptGroup, PciBarRegionType, ROM_BAR_INDEX};
 use vfio_ioctls::{VfioContainer, VfioDeviceFd};
 use vm_allocator::{AddressSpace, GuestRange};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BarSetup, DeviceManager, DeviceManagerError, PciInterrupts};
+use super::{BarSetup, DeviceManager, DeviceManagerError, PciInterrupts, TOPOLOGY_LOG_TARGET};
 use crate::config::{VfioDeviceConfig, VmConfig};
 use crate::interrupt::{IrqBackend, KvmMsiInterruptGroup};
 use crate::memory::{GuestMemoryMmap, MemoryManager};
@@ -292,7 +295,8 @@ impl DeviceManager {
         let info =
             VfioPciDevice::probe(&*backend).map_err(|e| vfio_err(VfioSetupError::Model(e)))?;
         info!(
-            "{id}: {} [{:04x}:{:04x}], BARs {:?}, ROM {:?}, MSI {:?}, MSI-X {:?}, INTx {}",
+            target: TOPOLOGY_LOG_TARGET,
+            "{id}: host {} [{:04x}:{:04x}], BARs {:x?}, ROM {:x?}, MSI {:?}, MSI-X {:?}, INTx {}",
             dev.address,
             info.vendor_id,
             info.device_id,
@@ -306,9 +310,9 @@ impl DeviceManager {
             info.has_intx
         );
         let bdf = self.next_free_slot()?;
-        let ranges = self.allocate_vfio_bars(id, &info)?;
+        let ranges = self.allocate_vfio_bars(id, info.bars.iter().chain(info.rom.iter()))?;
         let setup = self.vfio_resources(id, bdf.device(), &info, &ranges, memory);
-        let (res, group, intx_line) = match setup {
+        let (res, msix_group, intx_line) = match setup {
             Ok(s) => s,
             Err(e) => {
                 self.free_ranges(id, &ranges);
@@ -322,12 +326,22 @@ impl DeviceManager {
                 return Err(vfio_err(VfioSetupError::Model(e)));
             }
         };
+        log_direct_map(id, &device.lock().unwrap_or_else(|e| e.into_inner()));
         let for_reset = device.clone();
+        let reset_id = id.to_string();
         let reset = Box::new(move || {
-            for_reset
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .shutdown();
+            let mut device = for_reset.lock().unwrap_or_else(|e| e.into_inner());
+            let stats = device.access_stats();
+            // One line the rig checks: with BARs direct-mapped, the guest's
+            // BAR accesses never reach the VMM, except the MSI-X table.
+            info!(
+                target: TOPOLOGY_LOG_TARGET,
+                "vfio-stats id={reset_id} forwarded={} msix={} direct_mapped={:#x}",
+                stats.forwarded,
+                stats.msix,
+                device.mmapped_areas().iter().map(|(_, c)| c.size).sum::<u64>()
+            );
+            device.shutdown();
         });
         let bars = ranges
             .iter()
@@ -337,8 +351,9 @@ impl DeviceManager {
                 ioevents: Vec::new(),
             })
             .collect();
+        // The topology lists these vectors as MSI-X: only give it those.
         let interrupts = PciInterrupts {
-            msix: group,
+            msix: msix_group,
             intx: None,
         };
         self.add_pci_device(id, bdf, device, bars, interrupts, Some(reset))?;
@@ -348,17 +363,17 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Allocates every BAR (and the ROM) of `info` in its address space,
-    /// naturally aligned, memory BARs at least page aligned (so their
-    /// slots can be). All or nothing.
-    fn allocate_vfio_bars(
+    /// Allocates every BAR of `bars` (the ROM included) in its address
+    /// space, naturally aligned, memory BARs at least page aligned (so
+    /// their slots can be). All or nothing.
+    fn allocate_vfio_bars<'a>(
         &self,
         id: &str,
-        info: &VfioDeviceInfo,
+        bars: impl Iterator<Item = &'a BarInfo>,
     ) -> Result<Vec<(usize, GuestRange)>, DeviceManagerError> {
         let page = host_page_size();
         let mut ranges = Vec::new();
-        for bar in info.bars.iter().chain(info.rom.iter()) {
+        for bar in bars {
             let (space, align) = match bar.region_type {
                 PciBarRegionType::IoRegion => (AddressSpace::Io, bar.size),
                 PciBarRegionType::Memory32BitRegion => (AddressSpace::Mmio32, bar.size.max(page)),
@@ -458,6 +473,26 @@ impl DeviceManager {
             mmio_windows: windows,
             page_size: host_page_size(),
         };
-        Ok((res, msix.or(msi), intx_line))
+        if let Some(group) = &msi {
+            info!(target: TOPOLOGY_LOG_TARGET, "{id}: MSI {} vector(s) on GSIs {:?}", group.len(), group.gsis());
+        }
+        if intx_line.is_some() {
+            info!(target: TOPOLOGY_LOG_TARGET, "{id}: INTA# on GSI {gsi} (VFIO INTx, resampled by KVM)");
+        }
+        Ok((res, msix, intx_line))
     }
+}
+
+/// Logs which BAR areas go straight to the device.
+fn log_direct_map(id: &str, device: &VfioPciDevice) {
+    let areas: Vec<String> = device
+        .mmapped_areas()
+        .iter()
+        .map(|(bar, c)| format!("BAR{bar}+{:#x}..{:#x}", c.offset, c.offset + c.size))
+        .collect();
+    info!(
+        target: TOPOLOGY_LOG_TARGET,
+        "{id}: direct-mapped {}",
+        if areas.is_empty() { "nothing".to_string() } else { areas.join(", ") }
+    );
 }
