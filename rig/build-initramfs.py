@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Builds the rig's initramfs images (gzip'd cpio "newc"), python3 stdlib only.
 
-  build-initramfs.py l2 --busybox B --modules DIR --out l2.cpio.gz
+  build-initramfs.py l2 --busybox B --modules DIR --out l2.cpio.gz [--edu-module KO]
   build-initramfs.py l1 --busybox B --modules DIR --out l1.cpio.gz \
       --vmlinuz V --l2-initramfs l2.cpio.gz --conf run.conf [--trellis PATH]
 
@@ -236,6 +236,7 @@ def main():
     ap.add_argument("--l2-initramfs", help="(l1 only)")
     ap.add_argument("--conf", help="run.conf for L1's /init (l1 only)")
     ap.add_argument("--trellis", help="the VMM binary (l1 only; omit for probe mode)")
+    ap.add_argument("--edu-module", help="edu_trellis.ko for the VFIO checks (l2 only)")
     a = ap.parse_args()
 
     cpio = Cpio()
@@ -245,7 +246,12 @@ def main():
     if a.which == "l2":
         cpio.file("init", read(os.path.join(GUEST, "l2-init.sh")), 0o755)
         cpio.file("etc/rig/virtio-pci.sh", read(os.path.join(GUEST, "virtio-pci.sh")))
+        cpio.file("etc/rig/vfio.sh", read(os.path.join(GUEST, "vfio.sh")))
         notes += add_modules(cpio, mods, L2_GROUPS)
+        if a.edu_module:
+            # Outside the module groups: vfio.sh loads it itself, twice.
+            cpio.file("lib/modules/edu_trellis.ko", read(a.edu_module))
+            notes.append(f"edu: {a.edu_module}")
     else:
         if not (a.vmlinuz and a.l2_initramfs and a.conf):
             ap.error("l1 needs --vmlinuz, --l2-initramfs and --conf")

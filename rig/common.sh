@@ -22,7 +22,8 @@ rig_cleanup() {
     fi
 }
 
-# rig_setup [--vfio-disk]: fetch (cached), work dir, disk images, L2 initramfs.
+# rig_setup [--vfio-disk]: fetch (cached), work dir, disk images, L2 initramfs
+# (with the edu driver when EDU_KO names it).
 rig_setup() {
     [[ $(id -u) == 0 ]] || rig_die "run as root (apt, QEMU's tap, network namespaces)"
     local t
@@ -40,7 +41,7 @@ rig_setup() {
 
     t=$(now)
     python3 "$RIG/build-initramfs.py" l2 --busybox "$RIG_BUSYBOX" --modules "$RIG_MODULES" \
-        --out "$WORK/l2.cpio.gz"
+        --out "$WORK/l2.cpio.gz" ${EDU_KO:+--edu-module "$EDU_KO"}
     rig_log "L2 initramfs built in $(elapsed "$t") s"
 }
 
@@ -48,11 +49,18 @@ rig_setup() {
 # quiet + loglevel keep kernel messages from splitting the CHECK lines;
 # reboot=k + panic=-1: if power-off fails, init's exit resets the machine
 # through the i8042, which ends the VMM (and QEMU with -no-reboot) as well.
+# With VFIO=1 the passed-through virtio-blk is a third disk, and L2 checks
+# it and the edu device (guest/vfio.sh).
 l2_cmdline() {
+    local blk=2 vfio=
+    if [[ ${VFIO:-0} == 1 ]]; then
+        blk=3
+        vfio=" rig.vfio=1 rig.vfpattern=$VF_PATTERN rig.vfsha=$VF_BULK_SHA rig.vf_sectors=$VF_SECTORS"
+    fi
     echo "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 rig.pattern=$PATTERN" \
-        "rig.expect=net:1,blk:2,console:1,rng:1 rig.rw_sectors=$RW_SECTORS" \
+        "rig.expect=net:1,blk:$blk,console:1,rng:1 rig.rw_sectors=$RW_SECTORS" \
         "rig.ro_sectors=$RO_SECTORS rig.addr=169.254.100.2/16 rig.peer=169.254.100.1" \
-        "rig.pingin=${1:-3}"
+        "rig.pingin=${1:-3}$vfio"
 }
 
 # rig_boot_l1 TIMEOUT LOG INITRD [extra QEMU args...]
@@ -83,7 +91,7 @@ extra_device_args() {
         case $x in
         edu) echo "-device edu" ;;
         vfioblk) echo "-drive if=none,id=vfblk,file=$WORK/vf.img,format=raw" \
-            "-device virtio-blk-pci,drive=vfblk,disable-legacy=on" ;;
+            "-device virtio-blk-pci,drive=vfblk,disable-legacy=on,iommu_platform=on" ;;
         esac
     done
 }

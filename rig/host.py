@@ -5,15 +5,19 @@ run afterwards (python3 stdlib only).
   host.py mkimages DIR [--vfio-disk]
       DIR/disk.img  64 MiB, read-write; sector 0 starts "TRELLIS-RW-DISK\\n"
       DIR/ro.img     8 MiB, read-only;  sector 0 starts "TRELLIS-RO-DISK\\n"
-      DIR/vf.img    16 MiB (--vfio-disk), for the VFIO virtio-blk of L1
-      DIR/images.env  PATTERN=..., RW_SECTORS=..., RO_SECTORS=... (bash)
+      DIR/vf.img    16 MiB (--vfio-disk), for the VFIO virtio-blk of L1;
+                    sector 0 starts "TRELLIS-VF-DISK\\n", a pattern line at
+                    1 MiB, 1 MiB of random data at 4 MiB
+      DIR/images.env  PATTERN=..., RW_SECTORS=..., RO_SECTORS=... (bash),
+                    and VF_PATTERN, VF_BULK_SHA, VF_SECTORS with --vfio-disk
       DIR/ro.sha256   to prove afterwards that nothing wrote the ro image
 
   host.py verify --mode l2-direct|probe|run --dir DIR --log LOG
-                 [--console-file F] [--expect-l1 "edu vfioblk"]
+                 [--console-file F] [--expect-l1 "edu vfioblk"] [--vfio]
       Parses "CHECK <name> <ok|fail|skip> <detail>" lines from the serial
-      log, demands the checks the mode must produce, reads the images back,
-      prints "CHECK host.* ..." lines and a verdict; exit 0 only on PASS.
+      log, demands the checks the mode must produce (--vfio: also the VFIO
+      passthrough checks of L1 and L2), reads the images back, prints
+      "CHECK host.* ..." lines and a verdict; exit 0 only on PASS.
 """
 import argparse
 import hashlib
@@ -26,6 +30,10 @@ MiB = 1 << 20
 RW_SIZE, RO_SIZE, VF_SIZE = 64 * MiB, 8 * MiB, 16 * MiB
 PATTERN_OFFSET = 1 * MiB          # where L2 writes the pattern (sector 2048)
 BULK_OFFSET, BULK_LEN = 2 * MiB, 4 * MiB
+# vf.img: the host's pattern line at 1 MiB and random data at 4 MiB, which
+# L2 reads; L2 writes the run's pattern at 3 MiB (sector 6144).
+VF_PATTERN_OFFSET, VF_WRITE_OFFSET = 1 * MiB, 3 * MiB
+VF_BULK_OFFSET, VF_BULK_LEN = 4 * MiB, 1 * MiB
 
 CHECK_RE = re.compile(r"CHECK (\S+) (ok|fail|skip)(?: (.*))?$")
 
@@ -58,13 +66,25 @@ def mkimages(a):
     os.makedirs(a.dir, exist_ok=True)
     make_image(os.path.join(a.dir, "disk.img"), RW_SIZE, b"TRELLIS-RW-DISK\n")
     make_image(os.path.join(a.dir, "ro.img"), RO_SIZE, b"TRELLIS-RO-DISK\n")
+    vf = ""
     if a.vfio_disk:
-        make_image(os.path.join(a.dir, "vf.img"), VF_SIZE, b"TRELLIS-VF-DISK\n")
+        path = os.path.join(a.dir, "vf.img")
+        make_image(path, VF_SIZE, b"TRELLIS-VF-DISK\n")
+        vf_pattern = "TRELLIS-VF-PATTERN-" + secrets.token_hex(8)
+        bulk = secrets.token_bytes(VF_BULK_LEN)
+        with open(path, "r+b") as f:
+            f.seek(VF_PATTERN_OFFSET)
+            f.write((vf_pattern + "\n").encode())
+            f.seek(VF_BULK_OFFSET)
+            f.write(bulk)
+        vf = (f"VF_PATTERN={vf_pattern}\nVF_BULK_SHA={hashlib.sha256(bulk).hexdigest()}\n"
+              f"VF_SECTORS={VF_SIZE // 512}\n")
     pattern = "TRELLIS-PATTERN-" + secrets.token_hex(8)
     with open(os.path.join(a.dir, "ro.sha256"), "w") as f:
         f.write(sha256_file(os.path.join(a.dir, "ro.img")) + "\n")
     with open(os.path.join(a.dir, "images.env"), "w") as f:
         f.write(f"PATTERN={pattern}\nRW_SECTORS={RW_SIZE // 512}\nRO_SECTORS={RO_SIZE // 512}\n")
+        f.write(vf)
 
 
 # Checks each mode must produce; a missing one fails the run just like a
@@ -83,6 +103,16 @@ L1_REQUIRED = ([f"l1.modules.{g}" for g in ("virtio", "kvm", "vfio", "tun")]
                + ["l1.kvm", "l1.vfio", "l1.iommu", "l1.tun"])
 L1_RUN_REQUIRED = ["l1.disk.rw", "l1.disk.ro", "l1.net.tap", "l1.net.ping-l2",
                    "l1.trellis.exit", "l1.console-file"]
+# --vfio: edu and a virtio-blk passed through from L1 (the disk is blk2 in
+# L2's bus order, after trellis' own two), and the refusals in L1.
+VFIO_REQUIRED = (
+    [f"l2.virtio.blk2.{c}" for c in ("id", "driver", "virtio-driver", "msix", "caps")]
+    + [f"l2.vfio.blk.{c}" for c in ("found", "capacity", "read", "bulk", "write")]
+    + [f"l2.vfio.edu.{c}" for c in ("found", "id", "liveness", "factorial", "intx", "msi")]
+    + ["l1.vfio.bind-edu", "l1.vfio.bind-vfioblk", "l1.vfio.refuse-unbound",
+       "l1.vfio.refuse-missing", "l1.vfio.direct-edu", "l1.vfio.direct-vfblk",
+       "host.vfdisk.write"]
+)
 
 
 def verify(a):
@@ -115,6 +145,8 @@ def verify(a):
             required.append("l1.vfio.bind-edu")
     if a.mode == "run":
         required += L1_RUN_REQUIRED
+        if a.vfio:
+            required += VFIO_REQUIRED
 
     for m in markers:
         hcheck(f"host.marker.{m}", any(m in l for l in lines),
@@ -160,6 +192,15 @@ def verify(a):
                     inside = True
             text = "\n".join(text)
             where = "L1's copy of the console file"
+        if a.mode == "run" and a.vfio:
+            # L2's write through the passed-through disk reached vf.img: the
+            # device read it from L2's memory through L1's IOMMU.
+            with open(os.path.join(a.dir, "vf.img"), "rb") as f:
+                f.seek(VF_WRITE_OFFSET)
+                got = f.read(len(pattern) + 1)
+            hcheck("host.vfdisk.write", got == (pattern + "\n").encode(),
+                   f"vf.img@{VF_WRITE_OFFSET}: {got!r}")
+
         hcheck("host.console", hvc in text.splitlines(),
                f"'RIG-HVC0 <pattern>' {'found' if hvc in text.splitlines() else 'missing'} in {where}")
 
@@ -197,6 +238,7 @@ def main():
     v.add_argument("--log", required=True)
     v.add_argument("--console-file")
     v.add_argument("--expect-l1", default="")
+    v.add_argument("--vfio", action="store_true")
     a = ap.parse_args()
     if a.cmd == "mkimages":
         mkimages(a)

@@ -25,6 +25,13 @@
 #                         expanded by L1's shell, so it may use ${EDU_SYSFS}:
 #                         --trellis-arg --device --trellis-arg 'path=${EDU_SYSFS}'
 #   --qemu-arg ARG        append ARG to L1's QEMU command line (repeatable)
+#   --vfio                the VFIO passthrough checks on top of the virtio
+#                         ones, in the same run: implies --with-edu
+#                         --with-vfio-blk and binding both, passes them to
+#                         trellis (--device ...,id=edu / id=vfblk), builds
+#                         the rig's edu driver for L2 (edu-module.sh), and
+#                         checks in L1 that trellis refuses a function bound
+#                         to another driver and a path with no function
 #   --l1-sync             sync in L1 before power-off (by default L1 does not,
 #                         so L2's writes only reach the image if trellis
 #                         forwarded L2's flush)
@@ -35,7 +42,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-TRELLIS= PROBE=0 LIVE=0 TIMEOUT=300 TTIMEOUT=120 L1SYNC=0
+TRELLIS= PROBE=0 LIVE=0 TIMEOUT=300 TTIMEOUT=120 L1SYNC=0 VFIO=0
 EXTRA_DEVS=() VFIO_BIND=() TARGS=() QARGS=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -51,6 +58,7 @@ while [[ $# -gt 0 ]]; do
     --trellis-arg) TARGS+=("$2"); shift ;;
     --qemu-arg) QARGS+=("$2"); shift ;;
     --l1-sync) L1SYNC=1 ;;
+    --vfio) VFIO=1 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) rig_die "unknown argument $1 (see --help)" ;;
     esac
@@ -61,12 +69,27 @@ if [[ $PROBE == 0 ]]; then
     [[ -x $TRELLIS ]] || rig_die "$TRELLIS is not an executable file"
     TRELLIS=$(realpath "$TRELLIS")
 fi
+if [[ $VFIO == 1 ]]; then
+    [[ $PROBE == 0 ]] || rig_die "--vfio needs trellis (not --probe)"
+    for d in edu vfioblk; do
+        [[ " ${EXTRA_DEVS[*]} " == *" $d "* ]] || EXTRA_DEVS+=("$d")
+        [[ " ${VFIO_BIND[*]} " == *" $d "* ]] || VFIO_BIND+=("$d")
+    done
+    # shellcheck disable=SC2016 # expanded by L1's shell, after binding
+    TARGS+=(--device 'path=${EDU_SYSFS},id=edu' --device 'path=${VFIOBLK_SYSFS},id=vfblk')
+fi
 for d in "${VFIO_BIND[@]}"; do
     [[ " ${EXTRA_DEVS[*]} " == *" $d "* ]] || rig_die "--vfio-bind $d needs --with-${d/vfioblk/vfio-blk}"
 done
 [[ $TTIMEOUT -lt $((TIMEOUT - 60)) ]] || rig_die "--trellis-timeout must leave L1 60 s of --timeout"
 
 t_all=$(now)
+if [[ $VFIO == 1 ]]; then
+    t=$(now)
+    "$RIG/fetch.sh" --quiet >/dev/null
+    EDU_KO=$("$RIG/edu-module.sh") || rig_die "cannot build the edu driver for L2 (rig/edu-module.sh)"
+    rig_log "edu driver ready in $(elapsed "$t") s: $EDU_KO"
+fi
 rig_setup $([[ " ${EXTRA_DEVS[*]} " == *" vfioblk "* ]] && echo --vfio-disk)
 
 # Single quotes for values L1 must take literally; double quotes (keeping $)
@@ -86,6 +109,7 @@ for a in "${TARGS[@]}"; do targs+="$(dquote "$a") "; done
     echo "VFIO_BIND=$(squote "${VFIO_BIND[*]}")"
     echo "TRELLIS_EXTRA_ARGS=$(squote "$targs")"
     echo "L1_SYNC=$L1SYNC"
+    echo "VFIO=$VFIO"
 } >"$WORK/run.conf"
 
 t=$(now)
@@ -124,6 +148,7 @@ fi
 echo "===== verdict (L1 boot to power-off: $l1_time s, QEMU rc=$qrc, total $(elapsed "$t_all") s) ====="
 vrc=0
 python3 "$RIG/host.py" verify --mode "$([[ $PROBE == 1 ]] && echo probe || echo run)" \
-    --dir "$WORK" --log "$WORK/l1.log" --expect-l1 "${EXTRA_DEVS[*]}" || vrc=$?
+    --dir "$WORK" --log "$WORK/l1.log" --expect-l1 "${EXTRA_DEVS[*]}" \
+    $([[ $VFIO == 1 ]] && echo --vfio) || vrc=$?
 [[ $qrc == 0 ]] || echo "rig: QEMU (L1) exited with status $qrc"
 exit $((vrc != 0 || qrc != 0))

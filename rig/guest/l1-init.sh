@@ -11,12 +11,13 @@
 #
 # Settings come from /etc/rig/run.conf (written by the host per run):
 #   MODE, PATTERN, L2_CMDLINE, TRELLIS_TIMEOUT, WATCHDOG, EXPECT_L1,
-#   VFIO_BIND, TRELLIS_EXTRA_ARGS, L1_SYNC
+#   VFIO_BIND, TRELLIS_EXTRA_ARGS, L1_SYNC, VFIO (1: the VFIO checks: trellis
+#   refuses unusable functions, and passes edu and vfioblk through to L2)
 export PATH=/bin:/sbin
 . /etc/rig/lib.sh
 early_mounts
 echo 1 >/proc/sys/kernel/printk
-MODE=probe WATCHDOG=280 TRELLIS_TIMEOUT=120 EXPECT_L1= VFIO_BIND= TRELLIS_EXTRA_ARGS= L1_SYNC=0
+MODE=probe WATCHDOG=280 TRELLIS_TIMEOUT=120 EXPECT_L1= VFIO_BIND= TRELLIS_EXTRA_ARGS= L1_SYNC=0 VFIO=0
 . /etc/rig/run.conf
 start_watchdog "$WATCHDOG" L1
 echo "RIG-L1-START mode=$MODE kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -100,9 +101,32 @@ for x in $VFIO_BIND; do
     fi
 done
 
+# vfio_refuses NAME PATH TEXT: trellis must refuse --device path=PATH at
+# once, exit 1 and say TEXT in its one stderr line.
+vfio_refuses() {
+    timeout 30 /bin/trellis --kernel /l2/vmlinuz --serial off --device "path=$2" \
+        </dev/null >/dev/null 2>/tmp/refuse.err
+    _rc=$?
+    if [ $_rc = 1 ] && [ "$(wc -l </tmp/refuse.err)" = 1 ] && grep -q "$3" /tmp/refuse.err; then
+        check "$1" ok "rc=1: $(cat /tmp/refuse.err)"
+    else
+        check "$1" fail "rc=$_rc, expected 1 and '$3': $(head -c 300 /tmp/refuse.err | tr '\n' ' ')"
+    fi
+}
+
 if [ "$MODE" = run ]; then
     [ -n "$RW" ] && check l1.disk.rw ok "/dev/$RW" || check l1.disk.rw fail "no TRELLIS-RW-DISK disk"
     [ -n "$RO" ] && check l1.disk.ro ok "/dev/$RO" || check l1.disk.ro fail "no TRELLIS-RO-DISK disk"
+
+    if [ "$VFIO" = 1 ]; then
+        # The failure paths: a function a host driver holds (our own rw
+        # disk, bound to virtio-pci), and a path with no function behind it.
+        RW_BDF=$(basename "$(readlink -f /sys/block/$RW/device/..)")
+        vfio_refuses l1.vfio.refuse-unbound "/sys/bus/pci/devices/$RW_BDF" \
+            "is bound to virtio-pci, not to vfio-pci"
+        vfio_refuses l1.vfio.refuse-missing /sys/bus/pci/devices/0000:7f:1f.7 \
+            "no such PCI function"
+    fi
 
     mkdir -p /l2
     : >/l2/console.out
@@ -153,6 +177,22 @@ if [ "$MODE" = run ]; then
     *) check l1.trellis.exit fail "rc=$rc" ;;
     esac
     sed 's/^/TRELLIS-STDERR /' /tmp/trellis.err
+
+    if [ "$VFIO" = 1 ]; then
+        # trellis reports, per passed-through function, how many guest BAR
+        # accesses it had to forward through VFIO: with the BARs mmapped
+        # into L2 that is none (MSI-X table and PBA accesses are emulated).
+        for id in edu vfblk; do
+            line=$(grep -o "vfio-stats id=$id .*" /tmp/trellis.err | tail -n1)
+            fwd=$(echo "$line" | sed -n 's/.* forwarded=\([0-9]*\).*/\1/p')
+            dm=$(echo "$line" | sed -n 's/.* direct_mapped=\(0x[0-9a-f]*\).*/\1/p')
+            if [ -n "$line" ] && [ "$fwd" = 0 ] && [ "$((${dm:-0}))" -gt 0 ]; then
+                check l1.vfio.direct-$id ok "$line"
+            else
+                check l1.vfio.direct-$id fail "${line:-no vfio-stats line for $id in trellis' stderr}"
+            fi
+        done
+    fi
 
     echo "RIG-L1-CONSOLE-BEGIN"
     cat /l2/console.out

@@ -11,6 +11,8 @@
 #   rig.rw_sectors=N rig.ro_sectors=N  capacities the disks must report
 #   rig.addr=169.254.100.2/16 rig.peer=169.254.100.1   link-local only
 #   rig.pingin=3   echo requests the peer must send us (0: skip that check)
+#   rig.vfio=1     also check the functions passed through with VFIO
+#                  (vfio.sh: rig.vfpattern, rig.vfsha, rig.vf_sectors)
 export PATH=/bin:/sbin
 . /etc/rig/lib.sh
 early_mounts
@@ -204,6 +206,15 @@ if [ -n "$RO" ]; then
         check l2.blk.ro.intact fail "header now '$hdr'"
 else
     check l2.blk.ro.found fail "no disk starts with TRELLIS-RO-DISK ($(ls /sys/block))"
+fi
+
+# ---------------------------------------------------------------------------
+# VFIO: the passed-through virtio-blk and edu (rig.vfio=1 only).
+# ---------------------------------------------------------------------------
+if [ "$(cmdline_arg rig.vfio)" = 1 ]; then
+    . /etc/rig/vfio.sh
+    vfio_blk_checks
+    vfio_edu_checks
 fi
 
 # ---------------------------------------------------------------------------
