@@ -28,9 +28,9 @@ cargo build --workspace --locked
 step "unit and integration tests"
 cargo test --workspace --locked
 
-step "Rig 1: Linux guests in the nested sandbox"
+step "Rig 1: Linux guests in the nested sandbox (virtio and VFIO passthrough)"
 cargo build --release --locked -p vmm
-rig/run.sh --trellis target/release/trellis
+rig/run.sh --trellis target/release/trellis --vfio
 
 step "fuzz targets"
 scripts/fuzz.sh --smoke
