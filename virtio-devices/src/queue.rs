@@ -18,6 +18,7 @@
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::worker::Backlog;
 use crate::{VirtioInterrupt, VirtioInterruptType};
 
 /// One guest buffer of a validated chain, known to lie inside guest RAM.
@@ -267,19 +268,28 @@ pub(crate) fn signal_used(
 /// yet: the chain is then put back and serving stops until the device
 /// calls again. Otherwise, once the ring is empty, notifications are
 /// re-armed (see [`rearm`]). Interrupts the driver at the end if anything
-/// was used and it asked for that.
+/// was used and it asked for that. Stops after [`CHAINS_PER_PASS`] chains
+/// and returns [`Backlog::Remaining`] if any are left.
 pub(crate) fn serve_chains(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &dyn VirtioInterrupt,
     index: u16,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
-) {
+) -> Backlog {
     let mut used = false;
     let mut fruitless = 0;
+    let mut handled = 0;
+    let mut backlog = Backlog::Empty;
     'rounds: loop {
         let mut progress = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            if handled == CHAINS_PER_PASS {
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                backlog = Backlog::Remaining;
+                break 'rounds;
+            }
+            handled += 1;
             progress = true;
             let head = chain.head_index();
             let Some(len) = serve(chain) else {
@@ -298,6 +308,7 @@ pub(crate) fn serve_chains(
     if used {
         signal_used(queue, mem, interrupt, index);
     }
+    backlog
 }
 
 /// A queue the driver left in a state the device cannot work with; the
@@ -319,6 +330,9 @@ pub enum QueueError {
 /// What one pass over a queue did.
 #[derive(Debug, Default)]
 pub struct QueueOutcome {
+    /// Set when the pass stopped at [`CHAINS_PER_PASS`] with chains left:
+    /// the caller must come back (see [`crate::worker::Backlog`]).
+    pub pending: bool,
     /// Chains put on the used ring.
     pub completed: usize,
     /// Whether the driver asked to be interrupted for them (always true
@@ -329,7 +343,12 @@ pub struct QueueOutcome {
     pub error: Option<QueueError>,
 }
 
-/// Processes every chain the driver made available on `queue`.
+/// The most chains one pass over a queue completes before it yields to the
+/// worker's other events.
+pub const CHAINS_PER_PASS: usize = 256;
+
+/// Processes the chains the driver made available on `queue`, at most
+/// [`CHAINS_PER_PASS`] of them.
 ///
 /// `handle` performs one request and returns the used length (bytes it
 /// wrote into device-writable buffers). Driver notifications are
@@ -348,6 +367,7 @@ where
     // be a race with the driver publishing; two in a row mean the ring
     // entries themselves are unreadable.
     let mut idle_passes = 0;
+    let mut handled = 0;
     let result = (|| -> Result<(), QueueError> {
         loop {
             queue
@@ -360,6 +380,14 @@ where
                     Err(e) => return Err(QueueError::AvailRing(e)),
                 };
                 let Some(chain) = chain else { break };
+                if handled == CHAINS_PER_PASS {
+                    // Put it back for the next pass; notifications stay
+                    // off, since the device comes back on its own.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    outcome.pending = true;
+                    return Ok(());
+                }
+                handled += 1;
                 progressed = true;
                 let head = chain.head_index();
                 let len = handle(chain);
@@ -473,24 +501,64 @@ mod tests {
             ring.add_chain(&[Desc::w(0x10_0000 + 0x100 * i, 16)]);
         }
         let mut served = Vec::new();
-        serve_chains(&mut queue, &mem, &irq, 0, |chain| {
+        let backlog = serve_chains(&mut queue, &mem, &irq, 0, |chain| {
             if !served.is_empty() {
                 return None;
             }
             served.push(chain.head_index());
             Some(4)
         });
+        // Put back by the device, not left over from the budget.
+        assert_eq!(backlog, Backlog::Empty);
         assert_eq!(served, [0]);
         assert_eq!(ring.used_idx(), 1);
         assert_eq!(ring.used_elem(0), (0, 4));
         assert_eq!(irq.count(0), 1);
         // The chain put back comes first the next time round.
-        serve_chains(&mut queue, &mem, &irq, 0, |chain| {
+        let backlog = serve_chains(&mut queue, &mem, &irq, 0, |chain| {
             served.push(chain.head_index());
             Some(0)
         });
+        assert_eq!(backlog, Backlog::Empty);
         assert_eq!(served, [0, 1, 2]);
         assert_eq!(ring.used_idx(), 3);
         assert_eq!(irq.count(0), 2);
+    }
+
+    /// A ring holding more than one pass' budget of one-descriptor chains.
+    fn ring_over_budget(mem: &GuestMemoryMmap) -> (TestRing, Queue, u16) {
+        let mut ring = TestRing::new(mem, 0, 512);
+        let queue = ring.queue();
+        let chains = CHAINS_PER_PASS as u16 + 10;
+        for i in 0..chains {
+            ring.add_chain(&[Desc::w(0x20_0000 + 0x10 * u64::from(i), 16)]);
+        }
+        (ring, queue, chains)
+    }
+
+    #[test]
+    fn serve_chains_stops_at_its_budget_and_resumes() {
+        let mem = guest_memory();
+        let (ring, mut queue, chains) = ring_over_budget(&mem);
+        let irq = RecordingInterrupt::default();
+        let backlog = serve_chains(&mut queue, &mem, &irq, 0, |_| Some(0));
+        assert_eq!(backlog, Backlog::Remaining);
+        assert_eq!(usize::from(ring.used_idx()), CHAINS_PER_PASS);
+        let backlog = serve_chains(&mut queue, &mem, &irq, 0, |_| Some(0));
+        assert_eq!(backlog, Backlog::Empty);
+        assert_eq!(ring.used_idx(), chains);
+    }
+
+    #[test]
+    fn drain_queue_stops_at_its_budget_and_resumes() {
+        let mem = guest_memory();
+        let (ring, mut queue, chains) = ring_over_budget(&mem);
+        let outcome = drain_queue(&mut queue, &mem, |_| 0);
+        assert!(outcome.pending);
+        assert_eq!(outcome.completed, CHAINS_PER_PASS);
+        assert!(outcome.error.is_none());
+        let outcome = drain_queue(&mut queue, &mem, |_| 0);
+        assert!(!outcome.pending);
+        assert_eq!(ring.used_idx(), chains);
     }
 }

@@ -16,7 +16,7 @@ use crate::device::{
     ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice, VirtioInterrupt,
 };
 use crate::queue::{drain_queue, interrupt_queue, QueueOutcome};
-use crate::worker::{DeviceWorker, WorkerHandler};
+use crate::worker::{Backlog, DeviceWorker, WorkerHandler};
 
 /// Size of the single request queue.
 pub const RNG_QUEUE_SIZE: u16 = 256;
@@ -249,9 +249,9 @@ impl RngHandler {
 }
 
 impl WorkerHandler for RngHandler {
-    fn queue_notified(&mut self, index: u16) {
+    fn queue_notified(&mut self, index: u16) -> Backlog {
         let Some(q) = self.queue.as_mut().filter(|q| !q.broken) else {
-            return;
+            return Backlog::Empty;
         };
         let mem = self.mem.memory();
         let outcome = self.filler.process_queue(&mem, &mut q.queue);
@@ -262,6 +262,12 @@ impl WorkerHandler for RngHandler {
             log::error!("virtio-rng: queue stopped until reset: {e}");
             q.broken = true;
             self.interrupt.set_needs_reset();
+            return Backlog::Empty;
+        }
+        if outcome.pending {
+            Backlog::Remaining
+        } else {
+            Backlog::Empty
         }
     }
 }

@@ -9,10 +9,23 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// What a handler left of the work a notification asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Backlog {
+    /// Everything the driver made available was processed.
+    Empty,
+    /// The handler stopped at its per-pass budget with chains left; the
+    /// worker calls it again after serving its other events, so a driver
+    /// that keeps its ring full cannot keep the worker from its kill event
+    /// (device reset, VM shutdown).
+    Remaining,
+}
+
 /// What a device does on its worker thread.
 pub trait WorkerHandler: Send + 'static {
     /// The driver notified queue `index` (the notifier is already drained).
-    fn queue_notified(&mut self, index: u16);
+    fn queue_notified(&mut self, index: u16) -> Backlog;
 
     /// Backend file descriptors to watch (a tap device, stdin) and for which
     /// events; registered once when the worker starts.
@@ -69,7 +82,13 @@ impl<H: WorkerHandler> MutEventSubscriber for Subscriber<H> {
                 // A failed read means the counter was already zero: nothing
                 // new, but processing anyway is harmless.
                 let _ = evt.read();
-                self.handler.queue_notified(*index);
+                if self.handler.queue_notified(*index) == Backlog::Remaining {
+                    // Come back on the next loop turn, after the events
+                    // already ready (the kill eventfd among them).
+                    if let Err(e) = evt.write(1) {
+                        log::error!("worker: cannot requeue queue {index}: {e}");
+                    }
+                }
             }
         }
     }
@@ -161,14 +180,43 @@ impl<H> Drop for DeviceWorker<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
 
     struct Recorder(mpsc::Sender<u16>);
 
     impl WorkerHandler for Recorder {
-        fn queue_notified(&mut self, index: u16) {
+        fn queue_notified(&mut self, index: u16) -> Backlog {
             let _ = self.0.send(index);
+            Backlog::Empty
         }
+    }
+
+    /// Always has more to do, as with a driver that keeps its ring full.
+    struct Endless(Arc<AtomicUsize>);
+
+    impl WorkerHandler for Endless {
+        fn queue_notified(&mut self, _index: u16) -> Backlog {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Backlog::Remaining
+        }
+    }
+
+    #[test]
+    fn a_handler_with_backlog_is_called_again_and_still_stops() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        let worker =
+            DeviceWorker::spawn("test-endless", Endless(calls.clone()), vec![(0, evt)]).unwrap();
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while calls.load(Ordering::SeqCst) < 10 {
+            assert!(std::time::Instant::now() < deadline, "backlog not resumed");
+            std::thread::yield_now();
+        }
+        // The kill event is served between passes: stop returns.
+        assert!(worker.stop().is_some());
     }
 
     #[test]

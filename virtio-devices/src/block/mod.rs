@@ -36,7 +36,7 @@ use crate::device::{
     VirtioInterrupt,
 };
 use crate::queue::interrupt_queue;
-use crate::worker::{DeviceWorker, WorkerHandler};
+use crate::worker::{Backlog, DeviceWorker, WorkerHandler};
 use config::{BlockConfigSpace, Topology};
 use disk::Disk;
 
@@ -388,12 +388,12 @@ struct BlockHandler {
 }
 
 impl BlockHandler {
-    fn process(&mut self, mem: &GuestMemoryMmap, index: u16) {
+    fn process(&mut self, mem: &GuestMemoryMmap, index: u16) -> Backlog {
         let Some(slot) = self.slots.iter_mut().find(|s| s.index == index) else {
-            return;
+            return Backlog::Empty;
         };
         if slot.broken {
-            return;
+            return Backlog::Empty;
         }
         let outcome = self.processor.process_queue(mem, &mut slot.queue);
         if outcome.notify {
@@ -403,13 +403,19 @@ impl BlockHandler {
             log::error!("virtio-blk: queue {index} stopped until reset: {e}");
             slot.broken = true;
             self.interrupt.set_needs_reset();
+            return Backlog::Empty;
+        }
+        if outcome.pending {
+            Backlog::Remaining
+        } else {
+            Backlog::Empty
         }
     }
 }
 
 impl WorkerHandler for BlockHandler {
-    fn queue_notified(&mut self, index: u16) {
+    fn queue_notified(&mut self, index: u16) -> Backlog {
         let mem = self.mem.memory();
-        self.process(&mem, index);
+        self.process(&mem, index)
     }
 }

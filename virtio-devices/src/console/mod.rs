@@ -27,7 +27,7 @@ use crate::device::read_config_bytes;
 use crate::queue::{
     add_used, collect_bufs, rearm, serve_chains, signal_used, write_to_bufs, GuestBuf,
 };
-use crate::worker::{DeviceWorker, WorkerHandler};
+use crate::worker::{Backlog, DeviceWorker, WorkerHandler};
 use crate::{
     device_type, ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice,
     VirtioInterrupt,
@@ -385,9 +385,9 @@ impl ConsoleHandler {
     }
 
     /// Writes every transmit chain to the output.
-    fn process_tx(&mut self) {
+    fn process_tx(&mut self) -> Backlog {
         let Some(queue) = self.tx.as_mut() else {
-            return;
+            return Backlog::Empty;
         };
         let mem = self.mem.memory();
         serve_chains(queue, &mem, self.interrupt.as_ref(), TX_QUEUE, |chain| {
@@ -411,7 +411,7 @@ impl ConsoleHandler {
             }
             // The device writes nothing into transmit buffers.
             Some(0)
-        });
+        })
     }
 }
 
@@ -468,15 +468,16 @@ fn write_output(mem: &GuestMemoryMmap, bufs: &[GuestBuf], out: &mut dyn Write) -
 }
 
 impl WorkerHandler for ConsoleHandler {
-    fn queue_notified(&mut self, index: u16) {
+    fn queue_notified(&mut self, index: u16) -> Backlog {
         match index {
             RX_QUEUE => {
                 // Input may have been left unread while pending was full.
                 self.read_input();
                 self.fill_rx();
+                Backlog::Empty
             }
             TX_QUEUE => self.process_tx(),
-            _ => {}
+            _ => Backlog::Empty,
         }
     }
 

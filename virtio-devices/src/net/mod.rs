@@ -287,7 +287,7 @@ impl VirtioDevice for Net {
             mq,
             active_pairs: 1,
             tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
-            rx_resume: EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?,
+            resume: EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?,
         };
         let worker =
             DeviceWorker::spawn("virtio-net", handler, notifiers).map_err(ActivateError::Worker)?;

@@ -24,7 +24,7 @@ use crate::queue::{
     add_used, collect_bufs, collect_split, read_from_bufs, rearm, serve_chains, signal_used,
     write_to_bufs, ChainBufs,
 };
-use crate::worker::WorkerHandler;
+use crate::worker::{Backlog, WorkerHandler};
 use crate::{GuestMemoryMmapAtomic, VirtioInterrupt};
 
 /// Largest frame, header included, in either direction: a 64 KiB GSO frame
@@ -49,6 +49,9 @@ pub(crate) struct BackendState {
     tx_blocked: bool,
     /// Receive stopped at its per-call limit with frames perhaps left.
     rx_more: bool,
+    /// Transmit, resumed by a writable backend, stopped at its per-pass
+    /// budget with chains left.
+    tx_more: bool,
 }
 
 impl BackendState {
@@ -59,6 +62,7 @@ impl BackendState {
             pending: None,
             tx_blocked: false,
             rx_more: false,
+            tx_more: false,
         }
     }
 }
@@ -94,9 +98,10 @@ pub(crate) struct NetHandler {
     /// Pairs in use: 1 until the driver sets more with VQ_PAIRS_SET.
     pub(crate) active_pairs: usize,
     pub(crate) tx_buf: Vec<u8>,
-    /// Level-triggered wakeup for receive cut short by
-    /// [`RX_FRAMES_PER_CALL`].
-    pub(crate) rx_resume: EventFd,
+    /// Level-triggered wakeup for backend work cut short by its per-call
+    /// limit: receive ([`RX_FRAMES_PER_CALL`]) or transmit resumed by a
+    /// writable backend (the queue's chain budget).
+    pub(crate) resume: EventFd,
 }
 
 impl NetHandler {
@@ -104,7 +109,7 @@ impl NetHandler {
     /// or the target receive queue runs out of buffers (then the frame
     /// stays pending and the backend is not read again before the driver
     /// adds buffers), or [`RX_FRAMES_PER_CALL`] frames were read (then the
-    /// worker is woken again through `rx_resume` to read on, after whatever
+    /// worker is woken again through `resume` to read on, after whatever
     /// else is ready).
     pub(crate) fn process_rx(&mut self, i: usize) {
         let target = i % self.active_pairs.max(1);
@@ -128,7 +133,7 @@ impl NetHandler {
                 // The edge-triggered backend will not wake us for the
                 // frames it still holds.
                 state.rx_more = true;
-                if let Err(e) = self.rx_resume.write(1) {
+                if let Err(e) = self.resume.write(1) {
                     log::error!("virtio-net: cannot reschedule receive: {e}");
                 }
                 break;
@@ -197,25 +202,42 @@ impl NetHandler {
         }
     }
 
-    /// Reads on from the backends that [`process_rx`](Self::process_rx)
-    /// left with frames to spare.
-    fn resume_rx(&mut self) {
+    /// Goes on with the backends whose receive or transmit stopped at its
+    /// per-call limit.
+    fn resume_backends(&mut self) {
         // Nothing to read means a stale wakeup: harmless.
-        let _ = self.rx_resume.read();
+        let _ = self.resume.read();
         for i in 0..self.backends.len() {
             if self.backends[i].rx_more {
                 self.process_rx(i);
+            }
+            if self.backends[i].tx_more {
+                self.backends[i].tx_more = false;
+                self.transmit_from_backend_event(i);
+            }
+        }
+    }
+
+    /// Transmit outside a queue notification (the backend became writable
+    /// again): a pass that stops at its budget is resumed through `resume`.
+    fn transmit_from_backend_event(&mut self, i: usize) {
+        if self.process_tx(i) == Backlog::Remaining {
+            if let Some(state) = self.backends.get_mut(i) {
+                state.tx_more = true;
+            }
+            if let Err(e) = self.resume.write(1) {
+                log::error!("virtio-net: cannot reschedule transmit: {e}");
             }
         }
     }
 
     /// Sends every available chain of transmit queue `pair` to its backend.
-    pub(crate) fn process_tx(&mut self, pair: usize) {
+    pub(crate) fn process_tx(&mut self, pair: usize) -> Backlog {
         let Some(Some(queue)) = self.tx.get_mut(pair) else {
-            return;
+            return Backlog::Empty;
         };
         let Some(state) = self.backends.get_mut(pair) else {
-            return;
+            return Backlog::Empty;
         };
         state.tx_blocked = false;
         let mem = self.mem.memory();
@@ -248,18 +270,18 @@ impl NetHandler {
                 // The device writes nothing into transmit buffers.
                 Some(0)
             },
-        );
+        )
     }
 
     /// Answers every available control command.
-    pub(crate) fn process_ctrl(&mut self) {
+    pub(crate) fn process_ctrl(&mut self) -> Backlog {
         let Some((index, mut queue)) = self.ctrl.take() else {
-            return;
+            return Backlog::Empty;
         };
         let mem = self.mem.memory();
         let interrupt = Arc::clone(&self.interrupt);
         let pairs_before = self.active_pairs;
-        serve_chains(&mut queue, &mem, interrupt.as_ref(), index, |chain| {
+        let backlog = serve_chains(&mut queue, &mem, interrupt.as_ref(), index, |chain| {
             let head = chain.head_index();
             Some(match collect_split(&mem, chain, MAX_CTRL_LEN, usize::MAX) {
                 Ok((command, reply)) => self.control_command(&mem, &command, &reply),
@@ -276,6 +298,7 @@ impl NetHandler {
                 self.process_rx(i);
             }
         }
+        backlog
     }
 
     /// Runs one control command and writes its ack; returns the used length.
@@ -444,18 +467,16 @@ fn deliver_frame(
 }
 
 impl WorkerHandler for NetHandler {
-    fn queue_notified(&mut self, index: u16) {
+    fn queue_notified(&mut self, index: u16) -> Backlog {
         let index = usize::from(index);
         if let Some((ctrl, _)) = &self.ctrl {
             if index == usize::from(*ctrl) {
-                self.process_ctrl();
-                return;
+                return self.process_ctrl();
             }
         }
         let pair = index / 2;
         if index % 2 == 1 {
-            self.process_tx(pair);
-            return;
+            return self.process_tx(pair);
         }
         // New receive buffers: retry every backend that feeds this queue.
         let active = self.active_pairs.max(1);
@@ -464,6 +485,7 @@ impl WorkerHandler for NetHandler {
                 self.process_rx(i);
             }
         }
+        Backlog::Empty
     }
 
     fn backend_fds(&self) -> Vec<(RawFd, EventSet)> {
@@ -477,20 +499,20 @@ impl WorkerHandler for NetHandler {
                     EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 )
             })
-            .chain([(self.rx_resume.as_raw_fd(), EventSet::IN)])
+            .chain([(self.resume.as_raw_fd(), EventSet::IN)])
             .collect()
     }
 
     fn backend_event(&mut self, fd: RawFd, events: EventSet) {
-        if fd == self.rx_resume.as_raw_fd() {
-            self.resume_rx();
+        if fd == self.resume.as_raw_fd() {
+            self.resume_backends();
             return;
         }
         let Some(i) = self.backend_by_fd(fd) else {
             return;
         };
         if events.contains(EventSet::OUT) && self.backends.get(i).is_some_and(|s| s.tx_blocked) {
-            self.process_tx(i);
+            self.transmit_from_backend_event(i);
         }
         if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             self.process_rx(i);

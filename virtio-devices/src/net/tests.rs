@@ -14,7 +14,7 @@ use crate::test_ring::{
     atomic, guest_memory, wait_until, Desc, RecordingInterrupt, TestRing, F_INDIRECT, F_NEXT,
     MEM_SIZE,
 };
-use crate::worker::WorkerHandler;
+use crate::worker::{Backlog, WorkerHandler};
 
 /// A frame-preserving fake tap: one end of a datagram socket pair.
 struct DgramBackend {
@@ -681,7 +681,7 @@ fn direct_handler(
         mq: false,
         active_pairs: 1,
         tx_buf: Vec::new(),
-        rx_resume: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+        resume: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
     }
 }
 
@@ -707,7 +707,7 @@ fn pending_frame_is_delivered_when_an_event_idx_driver_adds_the_missing_buffer()
     let mut h = direct_handler(&mem, backend.clone(), &ring, MRG_EVENT_IDX);
     for i in 0..2 {
         if driver_adds_buffer(&mut ring, Desc::w(BUFS + i * 0x1000, 1000)) {
-            h.queue_notified(0);
+            assert_eq!(h.queue_notified(0), Backlog::Empty);
         }
     }
     // A frame of three buffers' worth arrives; two are there.
@@ -718,7 +718,7 @@ fn pending_frame_is_delivered_when_an_event_idx_driver_adds_the_missing_buffer()
     assert_eq!(ring.avail_event(), 2, "device asks to hear of the third");
 
     assert!(driver_adds_buffer(&mut ring, Desc::w(BUFS + 0x2000, 1000)));
-    h.queue_notified(0);
+    assert_eq!(h.queue_notified(0), Backlog::Empty);
     assert_eq!(ring.used_idx(), 3);
     assert_eq!(&h_read(&mem, BUFS, 12)[10..12], &[3, 0], "num_buffers");
     assert_eq!(ring.used_elem(2), (2, 500));
@@ -746,7 +746,7 @@ fn racing_buffer_addition_does_not_stall_the_pending_frame() {
     let mut h = direct_handler(&mem, backend.clone(), &ring.borrow(), MRG_EVENT_IDX);
     for i in 0..2 {
         if driver_adds_buffer(&mut ring.borrow_mut(), Desc::w(BUFS + i * 0x1000, 1000)) {
-            h.queue_notified(0);
+            assert_eq!(h.queue_notified(0), Backlog::Empty);
         }
     }
     // Kicks the driver sent while the device was busy; the worker handles
@@ -769,14 +769,14 @@ fn racing_buffer_addition_does_not_stall_the_pending_frame() {
     super::rxtx::seam::set_before_rearm(None);
     assert_eq!(kicks.get(), 0, "the racing driver saw the old avail_event");
     for _ in 0..kicks.get() {
-        h.queue_notified(0);
+        assert_eq!(h.queue_notified(0), Backlog::Empty);
     }
     let mut ring = ring.borrow_mut();
     assert_eq!(ring.used_idx(), 0);
     assert_eq!(ring.avail_event(), 3, "device asks to hear of the fourth");
 
     if driver_adds_buffer(&mut ring, Desc::w(BUFS + 0x3000, 1000)) {
-        h.queue_notified(0);
+        assert_eq!(h.queue_notified(0), Backlog::Empty);
     }
     assert_eq!(ring.used_idx(), 4, "the frame is still pending");
     let lens: Vec<u32> = (0..4).map(|n| ring.used_elem(n).1).collect();
@@ -849,10 +849,10 @@ fn receive_reads_a_bounded_number_of_frames_per_wakeup() {
 
     h.backend_event(backend.as_raw_fd(), EventSet::IN);
     assert_eq!(backend.left(), flood + 1 - RX_FRAMES_PER_CALL);
-    assert_eq!(h.rx_resume.read().unwrap(), 1, "wakeup scheduled");
+    assert_eq!(h.resume.read().unwrap(), 1, "wakeup scheduled");
     // Other events in between do not lose the wakeup's work.
-    h.rx_resume.write(1).unwrap();
-    h.queue_notified(0);
+    h.resume.write(1).unwrap();
+    assert_eq!(h.queue_notified(0), Backlog::Empty);
     assert_eq!(backend.left(), flood + 1 - 2 * RX_FRAMES_PER_CALL);
     h.backend_event(resume, EventSet::IN);
     assert_eq!(backend.left(), 0);
@@ -860,7 +860,7 @@ fn receive_reads_a_bounded_number_of_frames_per_wakeup() {
     assert_eq!(&h_read(&mem, BUFS + 12, 40), &last[12..]);
     // Dry: a stale wakeup does nothing, and schedules none.
     h.backend_event(resume, EventSet::IN);
-    assert!(h.rx_resume.read().is_err());
+    assert!(h.resume.read().is_err());
 }
 
 /// The same through the worker thread: one edge from the backend, and every
