@@ -108,7 +108,8 @@ L1_RUN_REQUIRED = ["l1.disk.rw", "l1.disk.ro", "l1.net.tap", "l1.net.ping-l2",
 VFIO_REQUIRED = (
     [f"l2.virtio.blk2.{c}" for c in ("id", "driver", "virtio-driver", "msix", "caps")]
     + [f"l2.vfio.blk.{c}" for c in ("found", "capacity", "read", "bulk", "write")]
-    + [f"l2.vfio.edu.{c}" for c in ("found", "id", "liveness", "factorial", "intx", "msi")]
+    + [f"l2.vfio.edu.{c}" for c in ("found", "id", "liveness", "factorial", "bar-move",
+                                     "intx", "msi")]
     + ["l1.vfio.bind-edu", "l1.vfio.bind-vfioblk", "l1.vfio.refuse-unbound",
        "l1.vfio.refuse-missing", "l1.vfio.direct-edu", "l1.vfio.direct-vfblk",
        "host.vfdisk.write"]

@@ -59,6 +59,22 @@ vfio_blk_checks() {
     fi
 }
 
+# le32 N: the 4 little-endian bytes of N, for writing configuration space.
+le32() {
+    printf "\\$(printf %o $(($1 & 255)))\\$(printf %o $(($1 >> 8 & 255)))"
+    printf "\\$(printf %o $(($1 >> 16 & 255)))\\$(printf %o $(($1 >> 24 & 255)))"
+}
+
+# edu_move_bar0 DEV ADDR: what a kernel rebalancing BARs does: memory
+# decoding off, BAR0 := ADDR, decoding back on (config writes through sysfs).
+# (fullblock: le32's two printfs reach the pipe as two writes.)
+edu_move_bar0() {
+    _cmd=$(od -An -tu2 -j4 -N2 "$1/config" | tr -d ' ')
+    le32 $((_cmd & ~2)) | dd of="$1/config" bs=2 seek=2 count=1 iflag=fullblock conv=notrunc 2>/dev/null
+    le32 "$2" | dd of="$1/config" bs=4 seek=4 count=1 iflag=fullblock conv=notrunc 2>/dev/null
+    le32 $((_cmd | 2)) | dd of="$1/config" bs=2 seek=2 count=1 iflag=fullblock conv=notrunc 2>/dev/null
+}
+
 vfio_edu_checks() {
     _d=
     for _x in /sys/bus/pci/devices/*; do
@@ -94,6 +110,20 @@ vfio_edu_checks() {
     _f=$(devmem $((_bar + 8)) 32)
     [ "$((_f))" = 3628800 ] && check l2.vfio.edu.factorial ok "10! = $((_f))" ||
         check l2.vfio.edu.factorial fail "10! read as '$_f'"
+
+    # Move BAR0 16 MiB up and back: trellis moves its memory slot along
+    # (had it not, the access at the new address would be forwarded, which
+    # L1 checks in trellis' vfio-stats), and nothing is left at the old one.
+    _new=$((_bar + 0x1000000))
+    edu_move_bar0 "$_d" $_new
+    _id_new=$(devmem $_new 32)
+    _id_old=$(devmem $_bar 32)
+    edu_move_bar0 "$_d" $_bar
+    _id_back=$(devmem $_bar 32)
+    [ "$((_id_new))" = "$((0x010000ed))" ] && [ "$((_id_old))" = "$((0xffffffff))" ] &&
+        [ "$((_id_back))" = "$((0x010000ed))" ] &&
+        check l2.vfio.edu.bar-move ok "BAR0 moved to $(printf 0x%x $_new): ID there, $_id_old at the old address; moved back: $_id_back" ||
+        check l2.vfio.edu.bar-move fail "at $(printf 0x%x $_new): '$_id_new', old address: '$_id_old', back: '$_id_back'"
 
     # Interrupts, counted by the rig's edu driver: INTx first, then MSI
     # (the second load switches VFIO from INTx to MSI under trellis).
