@@ -23,7 +23,22 @@ use super::VfioSetupError;
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
 
-const VFIO_CONTAINER: &str = "/dev/vfio/vfio";
+/// Where the host's IOMMU groups and VFIO nodes are (elsewhere in tests).
+pub(super) struct HostRoots {
+    /// `/sys/kernel/iommu_groups`.
+    pub(super) iommu_groups: PathBuf,
+    /// `/dev/vfio`.
+    pub(super) dev_vfio: PathBuf,
+}
+
+impl Default for HostRoots {
+    fn default() -> Self {
+        HostRoots {
+            iommu_groups: PathBuf::from("/sys/kernel/iommu_groups"),
+            dev_vfio: PathBuf::from("/dev/vfio"),
+        }
+    }
+}
 
 /// The driver a sysfs device is bound to, if any.
 fn driver_of(device: &Path) -> Option<String> {
@@ -45,6 +60,14 @@ fn vfio_compatible(driver: Option<&str>) -> bool {
 /// bound to vfio-pci, has an IOMMU group whose every member VFIO accepts,
 /// and VFIO's device nodes exist. Returns the group number.
 pub(super) fn check_host_function(path: &Path) -> Result<u32, VfioSetupError> {
+    check_host_function_in(path, &HostRoots::default())
+}
+
+/// [`check_host_function`] against the given roots.
+pub(super) fn check_host_function_in(
+    path: &Path,
+    roots: &HostRoots,
+) -> Result<u32, VfioSetupError> {
     let path_buf = path.to_path_buf();
     if !path.join("config").exists() {
         return Err(VfioSetupError::NoSuchDevice(path_buf));
@@ -63,10 +86,10 @@ pub(super) fn check_host_function(path: &Path) -> Result<u32, VfioSetupError> {
         .and_then(|n| n.to_str())
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| VfioSetupError::NoIommuGroup(path_buf.clone()))?;
-    if !Path::new(VFIO_CONTAINER).exists() {
+    if !roots.dev_vfio.join("vfio").exists() {
         return Err(VfioSetupError::NoVfio);
     }
-    let members = PathBuf::from(format!("/sys/kernel/iommu_groups/{group}/devices"));
+    let members = roots.iommu_groups.join(group.to_string()).join("devices");
     let mut blocking = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&members) {
         for entry in entries.flatten() {
@@ -87,7 +110,7 @@ pub(super) fn check_host_function(path: &Path) -> Result<u32, VfioSetupError> {
             blocking: blocking.join(", "),
         });
     }
-    if !Path::new(&format!("/dev/vfio/{group}")).exists() {
+    if !roots.dev_vfio.join(group.to_string()).exists() {
         return Err(VfioSetupError::NoGroupNode(group));
     }
     Ok(group)

@@ -10,7 +10,8 @@ use pci::{PciBarPrefetchable, PciBarRegionType, ROM_BAR_INDEX};
 use vm_allocator::{layout, AddressSpace, SystemAllocator, SystemAllocatorConfig};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{SlotMapper, VfioIntxLine};
+use super::host::{check_host_function_in, HostRoots};
+use super::{SlotMapper, VfioIntxLine, VfioSetupError};
 use crate::device_manager::{DeviceManager, IoEventBackend};
 use crate::interrupt::tests::{FakeBackend, Op};
 use crate::memory::MemoryManager;
@@ -133,4 +134,100 @@ fn bar_memory_becomes_a_kvm_slot_and_never_covers_ram() {
     mapper.unmap(slot).unwrap();
     assert!(memory.slots().iter().all(|s| s.is_ram));
     assert!(mapper.unmap(slot).is_err());
+}
+
+/// A fake sysfs and /dev/vfio: function 0000:01:00.0 in IOMMU group 7
+/// with a sibling 0000:01:00.1, drivers given per function.
+struct FakeHost {
+    root: std::path::PathBuf,
+}
+
+impl FakeHost {
+    fn new(name: &str, drivers: [Option<&str>; 2]) -> Self {
+        use std::os::unix::fs::symlink;
+        let root = std::env::temp_dir().join(format!("trellis-vfio-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (i, driver) in drivers.into_iter().enumerate() {
+            let dev = root.join(format!("devices/0000:01:00.{i}"));
+            std::fs::create_dir_all(&dev).unwrap();
+            std::fs::write(dev.join("config"), [0u8; 64]).unwrap();
+            if let Some(d) = driver {
+                std::fs::create_dir_all(root.join("drivers").join(d)).unwrap();
+                symlink(root.join("drivers").join(d), dev.join("driver")).unwrap();
+            }
+            let members = root.join("groups/7/devices");
+            std::fs::create_dir_all(&members).unwrap();
+            symlink(root.join("groups/7"), dev.join("iommu_group")).unwrap();
+            symlink(&dev, members.join(format!("0000:01:00.{i}"))).unwrap();
+        }
+        std::fs::create_dir_all(root.join("dev/vfio")).unwrap();
+        std::fs::write(root.join("dev/vfio/vfio"), b"").unwrap();
+        std::fs::write(root.join("dev/vfio/7"), b"").unwrap();
+        FakeHost { root }
+    }
+
+    fn check(&self, function: &str) -> Result<u32, VfioSetupError> {
+        let roots = HostRoots {
+            iommu_groups: self.root.join("groups"),
+            dev_vfio: self.root.join("dev/vfio"),
+        };
+        check_host_function_in(&self.root.join("devices").join(function), &roots)
+    }
+}
+
+impl Drop for FakeHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[test]
+fn host_setup_mistakes_are_named() {
+    let host = FakeHost::new("ok", [Some("vfio-pci"), None]);
+    assert_eq!(host.check("0000:01:00.0").unwrap(), 7);
+    let e = host.check("0000:01:00.7").unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("0000:01:00.7: no such PCI function on this host"),
+        "{e}"
+    );
+    let e = host.check("0000:01:00.1").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is bound to no driver, not to vfio-pci"),
+        "{e}"
+    );
+
+    let host = FakeHost::new("bound", [Some("nvme"), None]);
+    let e = host.check("0000:01:00.0").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is bound to nvme, not to vfio-pci (unbind it"),
+        "{e}"
+    );
+
+    let host = FakeHost::new("sibling", [Some("vfio-pci"), Some("e1000e")]);
+    let e = host.check("0000:01:00.0").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "IOMMU group 7 is not viable: 0000:01:00.1 is bound to e1000e; every device in \
+         the group must be bound to vfio-pci or to no driver"
+    );
+
+    let host = FakeHost::new("nodes", [Some("vfio-pci"), Some("pci-stub")]);
+    std::fs::remove_file(host.root.join("dev/vfio/7")).unwrap();
+    assert!(matches!(
+        host.check("0000:01:00.0"),
+        Err(VfioSetupError::NoGroupNode(7))
+    ));
+    std::fs::remove_file(host.root.join("dev/vfio/vfio")).unwrap();
+    let e = host.check("0000:01:00.0").unwrap_err();
+    assert!(e.to_string().contains("load the vfio-pci module"), "{e}");
+    std::fs::remove_file(host.root.join("devices/0000:01:00.0/iommu_group")).unwrap();
+    let e = host.check("0000:01:00.0").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("has no IOMMU group: the host IOMMU is off"),
+        "{e}"
+    );
 }
