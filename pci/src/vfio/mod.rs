@@ -17,7 +17,7 @@
 //!   pages: the rest of that BAR is mapped). Everything trapped that is not
 //!   the table or PBA is forwarded with VFIO region reads and writes, I/O
 //!   BARs included.
-//! - Interrupts ([`device`]): each MSI or MSI-X vector is an eventfd of an
+//! - Interrupts (`irq`): each MSI or MSI-X vector is an eventfd of an
 //!   [`MsiInterruptGroup`] (a KVM irqfd in the VMM) handed to VFIO, so the
 //!   host interrupt reaches the guest without the VMM; INTx is an eventfd
 //!   pair (trigger, and unmask on EOI) handed to VFIO while the guest uses
