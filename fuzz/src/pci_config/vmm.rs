@@ -74,12 +74,14 @@ impl Mapping {
     }
 }
 
-/// One past the highest address a BAR of `region` can decode.
+/// The highest end (one past the last address) a BAR range of `region`
+/// may have.
 pub fn address_limit(region: PciBarRegionType) -> u128 {
     match region {
         PciBarRegionType::IoRegion => 1 << 16,
         PciBarRegionType::Memory32BitRegion => 1 << 32,
-        PciBarRegionType::Memory64BitRegion => 1 << 64,
+        // A bus range's end must fit in a u64, so nothing ends at 2^64.
+        PciBarRegionType::Memory64BitRegion => u128::from(u64::MAX),
     }
 }
 
@@ -258,5 +260,29 @@ impl DeviceRelocation for Vmm {
         );
         state.accepted.push(*params);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pci_config::ops::{Func, Op, Width};
+    use crate::pci_config::run;
+
+    /// Found by the fuzzer once enabling decoding over an all-ones BAR
+    /// became a move: the model allowed a 64-bit BAR ending exactly at 2^64,
+    /// which no bus range can hold.
+    #[test]
+    fn bar_ending_at_the_top_of_the_address_space_is_refused() {
+        let write = |offset, width, value| Op::EcamWrite {
+            func: Func::Device,
+            offset,
+            width,
+            value,
+        };
+        run(&[
+            write(0x10, Width::Four, 0xffff_ffff),
+            write(0x14, Width::Four, 0xffff_ffff),
+            write(0x04, Width::Two, 0x2),
+        ]);
     }
 }
