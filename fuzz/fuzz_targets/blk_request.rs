@@ -1,0 +1,11 @@
+//! Fuzzes virtio-blk's request path with rings the fuzzer fills. See
+//! `trellis_fuzz::requests::blk`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use trellis_fuzz::requests::blk::{run, Input};
+
+fuzz_target!(|input: Input| {
+    run(&input);
+});

@@ -1,0 +1,11 @@
+//! Fuzzes virtio-console's request path with rings the fuzzer fills. See
+//! `trellis_fuzz::requests::console`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use trellis_fuzz::requests::console::{run, Input};
+
+fuzz_target!(|input: Input| {
+    run(&input);
+});
