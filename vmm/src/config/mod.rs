@@ -261,7 +261,22 @@ pub enum Invocation {
 }
 
 /// Parses a whole command line, `args[0]` being the program name.
+///
+/// Arguments with control characters (line breaks, escapes) are refused up
+/// front: every error quotes the user's input, and must stay one line that
+/// cannot rewrite the terminal.
 pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
+    if let Some((n, arg)) = args
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, a)| a.chars().any(char::is_control))
+    {
+        return Err(ConfigError::Usage(format!(
+            "argument {n} ('{}') contains a control character",
+            arg.escape_debug()
+        )));
+    }
     match Cli::try_parse_from(args) {
         Ok(cli) => Ok(Invocation::Run(Box::new(VmConfig::from_cli(&cli)?))),
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
