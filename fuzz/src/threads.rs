@@ -55,8 +55,14 @@ enum State {
 }
 
 fn state(tid: u32) -> State {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) else {
-        return State::Gone;
+    let task = format!("/proc/self/task/{tid}");
+    let Ok(text) = std::fs::read_to_string(format!("{task}/syscall")) else {
+        // An unreadable file of a live thread must not pass for idle.
+        return if std::path::Path::new(&task).exists() {
+            State::Busy
+        } else {
+            State::Gone
+        };
     };
     match text.split_whitespace().next().map(str::parse::<u64>) {
         Some(Ok(nr)) if EPOLL_WAITS.contains(&nr) => State::Idle,
@@ -71,6 +77,11 @@ pub struct Baseline(BTreeSet<u32>);
 impl Baseline {
     /// Takes the current set of threads as the baseline.
     pub fn take() -> Self {
+        let syscall = std::fs::read_to_string("/proc/thread-self/syscall");
+        assert!(
+            syscall.is_ok_and(|t| t.split_whitespace().next().is_some()),
+            "the device harnesses need /proc/PID/task/TID/syscall to tell idle workers"
+        );
         Baseline(all())
     }
 
