@@ -331,6 +331,7 @@ pub fn run(input: &Input) -> super::Stats {
         queue_size: MAX_QUEUE_SIZE,
     })
     .expect("the image opens");
+    image.opened();
     let mut rings = super::Rings::new(c.event_idx);
     let ring = ring_size(c.ring);
     rings.set_queues(&[(0, ring)]);

@@ -35,8 +35,10 @@ pub const ID_BYTES: usize = 20;
 
 /// A temporary image file and its expected contents.
 pub struct Image {
-    /// The file.
+    /// The file (removed by [`Image::opened`]).
     pub path: PathBuf,
+    /// Kept open, so the contents can be read once the path is gone.
+    file: std::fs::File,
     initial: Vec<u8>,
     shadow: Vec<u8>,
     /// Bytes whose content is known (discarded ranges are not).
@@ -61,8 +63,10 @@ impl Image {
         // Byte i of sector s is 7i + s (mod 256): a misplaced sector shows.
         let initial: Vec<u8> = (0..size).map(|i| (i * 7 + i / 512) as u8).collect();
         std::fs::write(&path, &initial).expect("create the disk image");
+        let file = std::fs::File::open(&path).expect("open the disk image");
         Image {
             path,
+            file,
             shadow: initial.clone(),
             known: vec![true; size],
             initial,
@@ -71,8 +75,20 @@ impl Image {
         }
     }
 
+    /// The device has the image open: the name can go, so that a crash
+    /// leaves no file behind.
+    pub fn opened(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.path).expect("read the disk image")
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata().expect("image metadata").len();
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, 0)
+            .expect("read the disk image");
+        buf
     }
 
     /// Checks what holds whatever the device did: the size never changes,

@@ -149,6 +149,7 @@ fn build(kind: DeviceKind) -> (Arc<Mutex<dyn VirtioDevice>>, Option<Image>) {
                 queue_size: 64,
             })
             .expect("the image opens");
+            image.opened();
             (Arc::new(Mutex::new(blk)), Some(image))
         }
         DeviceKind::Console => {
