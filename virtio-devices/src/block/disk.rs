@@ -128,40 +128,25 @@ impl Disk {
         let len = slice.len();
         let guard = slice.ptr_guard_mut();
         let base = guard.as_ptr();
-        let mut done = 0usize;
-        while done < len {
-            let pos = file_offset(offset, done)?;
+        // The image shrinking underneath us shows as a zero-length read.
+        let result = transfer_all(len, offset, io::ErrorKind::UnexpectedEof, |done, pos| {
             // SAFETY: `base` points to `len` bytes of mapped guest memory
             // that stay mapped while `guard` lives (VolatileSlice
             // invariant); `done < len`, so the kernel writes at most the
             // remaining `len - done` bytes of that range. The fd is owned
             // by `self.file`.
-            let n = unsafe {
+            unsafe {
                 libc::pread(
                     self.file.as_raw_fd(),
                     base.wrapping_add(done).cast(),
                     len - done,
                     pos,
                 )
-            };
-            match n {
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        slice.bitmap().mark_dirty(0, len);
-                        return Err(e);
-                    }
-                }
-                // The image shrank underneath us.
-                0 => {
-                    slice.bitmap().mark_dirty(0, len);
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                n => done += n as usize,
             }
-        }
+        });
+        // Even a failed read may have written part of the range.
         slice.bitmap().mark_dirty(0, len);
-        Ok(())
+        result
     }
 
     /// Writes `slice` (guest memory) to the image at byte `offset`.
@@ -173,33 +158,20 @@ impl Disk {
         let len = slice.len();
         let guard = slice.ptr_guard();
         let base = guard.as_ptr();
-        let mut done = 0usize;
-        while done < len {
-            let pos = file_offset(offset, done)?;
+        transfer_all(len, offset, io::ErrorKind::WriteZero, |done, pos| {
             // SAFETY: `base` points to `len` readable bytes of mapped guest
             // memory that stay mapped while `guard` lives; `done < len`, so
             // the kernel reads only within that range. The fd is owned by
             // `self.file`.
-            let n = unsafe {
+            unsafe {
                 libc::pwrite(
                     self.file.as_raw_fd(),
                     base.wrapping_add(done).cast(),
                     len - done,
                     pos,
                 )
-            };
-            match n {
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => done += n as usize,
             }
-        }
-        Ok(())
+        })
     }
 
     /// Makes every completed write durable (fdatasync).
@@ -287,6 +259,32 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
     )
+}
+
+/// Repeats the positional transfer `transfer(done, file position)` (a pread or
+/// pwrite of the remaining bytes) until `len` bytes from file offset
+/// `offset` are done, retrying on EINTR; a transfer of zero bytes fails
+/// with `on_zero`.
+fn transfer_all(
+    len: usize,
+    offset: u64,
+    on_zero: io::ErrorKind,
+    mut transfer: impl FnMut(usize, libc::off_t) -> isize,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        match transfer(done, file_offset(offset, done)?) {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(on_zero.into()),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 fn file_offset(base: u64, done: usize) -> io::Result<libc::off_t> {
