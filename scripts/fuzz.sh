@@ -3,7 +3,9 @@
 #
 # Usage: scripts/fuzz.sh [--smoke] [TARGET...]
 #   TARGET       targets to run (default: every target `cargo fuzz list` shows)
-#   --smoke      replay each target's seeds, then fuzz briefly: for CI
+#   --smoke      replay each target's seeds, then fuzz briefly from a fixed
+#                libFuzzer seed (FUZZ_SEED, default 1), so that CI explores
+#                the same inputs on every run: for CI
 #   FUZZ_SECONDS seconds of fuzzing per target (default: 30 with --smoke,
 #                600 without)
 #
@@ -29,8 +31,15 @@ for arg in "$@"; do
         *) targets+=("$arg") ;;
     esac
 done
+seed_args=()
 if [[ $smoke -eq 1 ]]; then
     seconds=${FUZZ_SECONDS:-30}
+    seed=${FUZZ_SEED:-1}
+    if ! [[ $seed =~ ^[0-9]+$ ]] || [[ $seed -eq 0 ]]; then
+        echo "FUZZ_SEED must be a positive number, got '$seed'" >&2
+        exit 2
+    fi
+    seed_args=(-seed="$seed")
 else
     seconds=${FUZZ_SECONDS:-600}
 fi
@@ -86,7 +95,8 @@ for target in "${targets[@]}"; do
     # The working corpus comes first: libFuzzer adds new inputs to it, never
     # to the seeds.
     cargo +nightly fuzz run "$target" "${dirs[@]}" -- \
-        -max_total_time="$seconds" -print_final_stats=1 2>&1 | tee "$log" || status=$?
+        -max_total_time="$seconds" "${seed_args[@]}" -print_final_stats=1 2>&1 |
+        tee "$log" || status=$?
     elapsed=$(($(date +%s) - start))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     if [[ $status -eq 0 ]]; then

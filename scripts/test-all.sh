@@ -32,5 +32,8 @@ step "Rig 1: Linux guests in the nested sandbox (virtio and VFIO passthrough)"
 cargo build --release --locked -p vmm
 rig/run.sh --trellis target/release/trellis --vfio
 
+step "fuzz harness unit tests (seed replays and bug reproducers)"
+(cd fuzz && cargo +nightly test --locked)
+
 step "fuzz targets"
 scripts/fuzz.sh --smoke
