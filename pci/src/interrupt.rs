@@ -1,6 +1,7 @@
 //! The seam between PCI interrupt emulation and whatever delivers
 //! interrupts: KVM irqfds and GSI routes in the VMM, a recorder in tests.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -41,6 +42,18 @@ pub enum InterruptError {
     },
 }
 
+/// A new state for one vector, as [`MsiInterruptGroup::update_batch`]
+/// takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VectorUpdate {
+    /// Vector index in the group.
+    pub index: u16,
+    /// The message the guest programmed.
+    pub msg: MsiMessage,
+    /// Whether the vector is masked (vector or function mask, or disabled).
+    pub masked: bool,
+}
+
 /// The message-signalled vectors of one device function (its MSI or MSI-X
 /// vectors), as seen by the emulation that owns the guest-visible state.
 ///
@@ -55,6 +68,16 @@ pub trait MsiInterruptGroup: Send + Sync {
     /// The guest changed vector `index`: its message is now `msg` and it is
     /// `masked` (vector mask, function mask or capability disabled).
     fn update(&self, index: u16, msg: MsiMessage, masked: bool) -> Result<(), InterruptError>;
+
+    /// Several vectors changed at once (MSI-X enable or function mask, MSI
+    /// enable, reset). A delivery side whose route changes are costly (KVM
+    /// replaces its whole routing table per change) applies them together;
+    /// the default goes vector by vector and stops at the first failure.
+    fn update_batch(&self, updates: &[VectorUpdate]) -> Result<(), InterruptError> {
+        updates
+            .iter()
+            .try_for_each(|u| self.update(u.index, u.msg, u.masked))
+    }
 
     /// An eventfd that raises vector `index` when written, if the delivery
     /// side has one (an irqfd); lets producers such as VFIO bypass the VMM.
@@ -89,10 +112,12 @@ pub enum InterruptEvent {
 }
 
 /// An [`MsiInterruptGroup`] that records every call, for tests and fuzzing.
+/// A batch is recorded as its updates, in order, and counted.
 #[derive(Debug, Default)]
 pub struct RecordingInterruptGroup {
     vectors: u16,
     events: Mutex<Vec<InterruptEvent>>,
+    batches: AtomicUsize,
 }
 
 impl RecordingInterruptGroup {
@@ -101,7 +126,13 @@ impl RecordingInterruptGroup {
         RecordingInterruptGroup {
             vectors,
             events: Mutex::new(Vec::new()),
+            batches: AtomicUsize::new(0),
         }
+    }
+
+    /// How many times `update_batch` was called.
+    pub fn batches(&self) -> usize {
+        self.batches.load(Ordering::SeqCst)
     }
 
     /// Returns and forgets the calls recorded so far.
@@ -139,5 +170,16 @@ impl MsiInterruptGroup for RecordingInterruptGroup {
 
     fn update(&self, index: u16, msg: MsiMessage, masked: bool) -> Result<(), InterruptError> {
         self.record(index, InterruptEvent::Updated { index, msg, masked })
+    }
+
+    fn update_batch(&self, updates: &[VectorUpdate]) -> Result<(), InterruptError> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        // All or nothing, as the KVM group checks every index first.
+        if let Some(bad) = updates.iter().find(|u| u.index >= self.vectors) {
+            return Err(InterruptError::InvalidVector(bad.index));
+        }
+        updates
+            .iter()
+            .try_for_each(|u| self.update(u.index, u.msg, u.masked))
     }
 }

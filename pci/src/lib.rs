@@ -24,7 +24,7 @@ pub use configuration::{
     COMMAND_MEMORY_SPACE, EXTENDED_CONFIG_SPACE_SIZE, LEGACY_CONFIG_SPACE_SIZE, ROM_BAR_INDEX,
 };
 pub use device::{BarReprogrammingParams, DeviceRelocation, PciDevice, PciError};
-pub use interrupt::{InterruptError, IntxInterrupt, MsiInterruptGroup, MsiMessage};
+pub use interrupt::{InterruptError, IntxInterrupt, MsiInterruptGroup, MsiMessage, VectorUpdate};
 pub use msi::{MsiCapability, MsiConfig, MsiLayout};
 pub use msix::{
     MsixCapability, MsixConfig, MsixTableEntry, MAX_MSIX_VECTORS, MSIX_TABLE_ENTRY_SIZE,

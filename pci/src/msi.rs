@@ -28,7 +28,7 @@ use log::{debug, error, warn};
 
 use crate::capability::{PciCapability, PciCapabilityId};
 use crate::device::PciError;
-use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage};
+use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage, VectorUpdate};
 
 /// Largest multiple message capable value: 2^5 = 32 vectors.
 pub const MAX_MSI_VECTORS_LOG2: u8 = 5;
@@ -433,26 +433,41 @@ impl MsiConfig {
         }
     }
 
-    /// Brings every capable vector up to date in the group, updating
-    /// routes before firing pending vectors so the route exists first.
+    /// Brings every capable vector up to date in the group, in one batch,
+    /// updating routes before firing pending vectors so the routes exist
+    /// first.
     fn sync_all(&mut self) {
-        for vector in 0..self.cap.capable_vectors() {
-            let index = usize::from(vector);
-            let state = self.vector_state(vector);
-            let Some(route) = self.routes.get_mut(index) else {
-                continue;
+        let vectors = 0..self.cap.capable_vectors();
+        let updates: Vec<VectorUpdate> = vectors
+            .clone()
+            .filter_map(|vector| {
+                let (msg, masked) = self.vector_state(vector);
+                let told = self.routes.get(usize::from(vector))?;
+                (*told != Some((msg, masked))).then_some(VectorUpdate {
+                    index: vector,
+                    msg,
+                    masked,
+                })
+            })
+            .collect();
+        if !updates.is_empty() {
+            let ok = match self.group.update_batch(&updates) {
+                Ok(()) => true,
+                Err(e) => {
+                    error!("failed to update MSI vectors: {e}");
+                    false
+                }
             };
-            if *route != Some(state) {
-                *route = match self.group.update(vector, state.0, state.1) {
-                    Ok(()) => Some(state),
-                    Err(e) => {
-                        error!("failed to update MSI vector {vector}: {e}");
-                        None
-                    }
-                };
+            // After a failure nothing is known: the next sync tells again.
+            for u in &updates {
+                if let Some(route) = self.routes.get_mut(usize::from(u.index)) {
+                    *route = ok.then_some((u.msg, u.masked));
+                }
             }
+        }
+        for vector in vectors {
             let bit = 1u32 << vector;
-            if !state.1 && self.pending & bit != 0 {
+            if !self.vector_state(vector).1 && self.pending & bit != 0 {
                 self.pending &= !bit;
                 if let Err(e) = self.group.trigger(vector) {
                     error!("failed to deliver pending MSI vector {vector}: {e}");

@@ -27,7 +27,7 @@ use log::{debug, error, warn};
 
 use crate::capability::{PciCapability, PciCapabilityId};
 use crate::device::PciError;
-use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage};
+use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage, VectorUpdate};
 
 /// Largest table an MSI-X capability can describe (11-bit table size field).
 pub const MAX_MSIX_VECTORS: usize = 2048;
@@ -334,9 +334,7 @@ impl MsixConfig {
         );
         self.enabled = enabled;
         self.function_masked = function_masked;
-        for vector in 0..self.vector_count() {
-            self.sync_vector(vector);
-        }
+        self.sync_vectors(0..self.vector_count());
     }
 
     /// Guest read of `data.len()` bytes at byte `offset` of the table.
@@ -448,9 +446,7 @@ impl MsixConfig {
         self.function_masked = false;
         self.pba.fill(0);
         self.table.fill(MsixTableEntry::default());
-        for vector in 0..self.vector_count() {
-            self.sync_vector(vector);
-        }
+        self.sync_vectors(0..self.vector_count());
     }
 
     /// Maps a table byte address to (entry, dword in entry, bit shift in
@@ -469,35 +465,61 @@ impl MsixConfig {
 
     /// Tells the group about `vector` if its message or effective mask
     /// differ from what it was last told, then fires it if it is
-    /// deliverable and pending. Updating first means the route exists by
-    /// the time the pending interrupt is sent.
+    /// deliverable and pending.
     fn sync_vector(&mut self, vector: u16) {
-        let index = usize::from(vector);
-        let Some(entry) = self.table.get(index) else {
-            return;
-        };
-        let masked = entry.masked() || self.function_masked || !self.enabled;
-        let state = (entry.message(), masked);
-        if self.routes.get(index).copied().flatten() != Some(state) {
-            let told = match self.group.update(vector, state.0, masked) {
-                Ok(()) => Some(state),
+        self.sync_vectors(vector..vector.saturating_add(1));
+    }
+
+    /// [`sync_vector`](Self::sync_vector) for a range of vectors, with the
+    /// group told about all changes in one batch: a function mask toggle
+    /// then costs the VMM one routing table push, not one per vector.
+    /// Updating first means the routes exist by the time pending
+    /// interrupts are sent.
+    fn sync_vectors(&mut self, vectors: std::ops::Range<u16>) {
+        let updates: Vec<VectorUpdate> = vectors
+            .clone()
+            .filter_map(|vector| {
+                let entry = self.table.get(usize::from(vector))?;
+                let masked = entry.masked() || self.function_masked || !self.enabled;
+                let msg = entry.message();
+                let told = self.routes.get(usize::from(vector)).copied().flatten();
+                (told != Some((msg, masked))).then_some(VectorUpdate {
+                    index: vector,
+                    msg,
+                    masked,
+                })
+            })
+            .collect();
+        if !updates.is_empty() {
+            let ok = match self.group.update_batch(&updates) {
+                Ok(()) => true,
                 Err(e) => {
-                    error!("failed to update MSI-X vector {vector}: {e}");
-                    None
+                    error!("failed to update MSI-X vectors {vectors:?}: {e}");
+                    false
                 }
             };
-            if let Some(route) = self.routes.get_mut(index) {
-                *route = told;
+            // After a failure nothing is known: the next sync tells again.
+            for u in &updates {
+                if let Some(route) = self.routes.get_mut(usize::from(u.index)) {
+                    *route = ok.then_some((u.msg, u.masked));
+                }
             }
         }
-        if !masked {
-            let (word, bit) = pba_position(vector);
-            if let Some(w) = self.pba.get_mut(word) {
-                if *w & bit != 0 {
-                    *w &= !bit;
-                    if let Err(e) = self.group.trigger(vector) {
-                        error!("failed to deliver pending MSI-X vector {vector}: {e}");
-                    }
+        for vector in vectors {
+            if !self.is_vector_masked(vector) {
+                self.fire_if_pending(vector);
+            }
+        }
+    }
+
+    /// Clears `vector`'s pending bit and delivers it, if it was set.
+    fn fire_if_pending(&mut self, vector: u16) {
+        let (word, bit) = pba_position(vector);
+        if let Some(w) = self.pba.get_mut(word) {
+            if *w & bit != 0 {
+                *w &= !bit;
+                if let Err(e) = self.group.trigger(vector) {
+                    error!("failed to deliver pending MSI-X vector {vector}: {e}");
                 }
             }
         }

@@ -40,7 +40,8 @@ use pci::MsiMessage;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use intx::KvmIntx;
-pub use msi::{KvmMsiInterruptGroup, VectorUpdate};
+pub use msi::KvmMsiInterruptGroup;
+pub use pci::VectorUpdate;
 pub use routing::{GsiRoutingTable, RouteChange};
 
 use vm_allocator::layout::IOAPIC_PINS;

@@ -3,23 +3,11 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, warn};
-use pci::{InterruptError, MsiInterruptGroup, MsiMessage, MAX_MSIX_VECTORS};
+use pci::{InterruptError, MsiInterruptGroup, MsiMessage, VectorUpdate, MAX_MSIX_VECTORS};
 use vm_allocator::SystemAllocator;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{GsiRoutingTable, IrqError, RouteChange};
-
-/// A new state for one vector, as [`KvmMsiInterruptGroup::update_vectors`]
-/// takes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VectorUpdate {
-    /// Vector index in the group.
-    pub index: u16,
-    /// The message the guest programmed.
-    pub msg: MsiMessage,
-    /// Whether the vector is masked (vector or function mask, or disabled).
-    pub masked: bool,
-}
 
 /// What KVM currently knows about a vector.
 #[derive(Clone, Copy, Debug, Default)]
@@ -217,6 +205,10 @@ impl MsiInterruptGroup for KvmMsiInterruptGroup {
 
     fn update(&self, index: u16, msg: MsiMessage, masked: bool) -> Result<(), InterruptError> {
         self.update_vectors(&[VectorUpdate { index, msg, masked }])
+    }
+
+    fn update_batch(&self, updates: &[VectorUpdate]) -> Result<(), InterruptError> {
+        self.update_vectors(updates)
     }
 
     fn notifier(&self, index: u16) -> Option<&EventFd> {
