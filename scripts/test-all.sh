@@ -16,10 +16,12 @@ scripts/install-deps.sh
 step "formatting"
 cargo fmt --all -- --check
 (cd guest && cargo fmt -- --check)
+(cd fuzz && cargo +nightly fmt -- --check)
 
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 (cd guest && cargo clippy --release --locked -- -D warnings)
+(cd fuzz && cargo +nightly clippy --all-targets --locked -- -D warnings)
 
 step "build (the integration tests run the trellis binary and the test guest)"
 cargo build --workspace --locked
