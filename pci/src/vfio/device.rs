@@ -672,7 +672,7 @@ impl PciDevice for VfioPciDevice {
                 }
                 BarTarget::MsixPba(o) => {
                     if let Some(m) = &self.irqs.msix {
-                        m.config.read_pba(o, out);
+                        m.read_pba(o, out);
                     }
                 }
                 BarTarget::Unbacked => {}

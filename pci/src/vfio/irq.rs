@@ -9,6 +9,7 @@
 //! the guest masked has no irqfd: what the device raises meanwhile waits in
 //! the eventfd and is delivered on unmask.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use log::{debug, error, info};
@@ -188,6 +189,34 @@ impl EmulatedMsix {
         self.config.vector_count()
     }
 
+    /// Guest read of the PBA. The device signals its vectors' eventfds
+    /// straight from VFIO, so an interrupt raised while a vector is masked
+    /// never passes through [`MsixConfig::trigger`]: it waits in the
+    /// eventfd (KVM delivers it when the irqfd comes back on unmask). A
+    /// masked vector whose eventfd holds a count therefore reads as
+    /// pending, as the device's own PBA would show it.
+    pub(crate) fn read_pba(&self, offset: u64, out: &mut [u8]) {
+        self.config.read_pba(offset, out);
+        let group = self.config.group();
+        for (byte_index, byte) in (offset..).zip(out.iter_mut()) {
+            for bit in 0..8u8 {
+                let Some(vector) = byte_index
+                    .checked_mul(8)
+                    .and_then(|v| v.checked_add(u64::from(bit)))
+                    .and_then(|v| u16::try_from(v).ok())
+                    .filter(|&v| v < self.vectors())
+                else {
+                    break;
+                };
+                if self.config.is_vector_masked(vector)
+                    && group.notifier(vector).is_some_and(has_count)
+                {
+                    *byte |= 1 << bit;
+                }
+            }
+        }
+    }
+
     fn reset(&mut self) {
         self.ctl = self.cap.message_control();
         self.config.reset();
@@ -316,6 +345,19 @@ impl Interrupts {
 }
 
 /// The eventfds of vectors `0..count` of `group`.
+/// Whether `fd` has a non-zero count, without consuming it (a read would
+/// take the interrupt away from KVM, and block on a blocking eventfd).
+fn has_count(fd: &EventFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call, no timeout.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready == 1 && pfd.revents & libc::POLLIN != 0
+}
+
 fn notifiers(group: &Arc<dyn MsiInterruptGroup>, count: u16) -> std::io::Result<Vec<&EventFd>> {
     (0..count)
         .map(|i| {

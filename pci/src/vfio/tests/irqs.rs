@@ -4,7 +4,7 @@
 use super::device::{standard_config, standard_fake, Fixture, BAR0};
 use super::fake::*;
 use crate::device::PciDevice;
-use crate::interrupt::{InterruptEvent, MsiMessage};
+use crate::interrupt::{InterruptEvent, MsiInterruptGroup, MsiMessage};
 use crate::vfio::*;
 
 const MSI: usize = 0x60;
@@ -240,5 +240,45 @@ fn failed_vfio_enable_is_retried_on_the_next_change() {
     assert_eq!(
         irq_calls(&f),
         [Call::Enable(VfioIrqIndex::Intx, 1), Call::IntxUnmask]
+    );
+}
+
+#[test]
+fn pba_shows_what_the_device_raised_while_a_vector_was_masked() {
+    let mut f = Fixture::standard();
+    f.command(0x2);
+    f.write(MSIX + 2, &(1u16 << 15).to_le_bytes());
+    let pba = |f: &mut Fixture| u64::from_le_bytes(f.bar_read(BAR0, 0x3000, 8).try_into().unwrap());
+    // Vectors 1 and 2 programmed; 1 stays masked, 2 is live.
+    for (v, masked) in [(1u64, 1u32), (2, 0)] {
+        let at = 0x2000 + 16 * v;
+        f.dev.write_bar(BAR0, at, &0xfee0_0000u32.to_le_bytes());
+        f.dev
+            .write_bar(BAR0, at + 8, &(0x30 + v as u32).to_le_bytes());
+        f.dev.write_bar(BAR0, at + 12, &masked.to_le_bytes());
+    }
+    assert_eq!(pba(&mut f), 0, "nothing raised yet");
+
+    // VFIO signals both eventfds, as the device raising both vectors.
+    for v in [1, 2] {
+        f.msix.notifier(v).unwrap().write(1).unwrap();
+    }
+    assert_eq!(pba(&mut f), 1 << 1, "only the masked vector is pending");
+    assert_eq!(f.bar_read(BAR0, 0x3000, 1), [1 << 1], "byte reads too");
+    assert_eq!(pba(&mut f), 1 << 1, "reading the PBA consumes nothing");
+
+    // The function mask makes the live vector's waiting interrupt pending.
+    f.write(MSIX + 2, &(1u16 << 15 | 1 << 14).to_le_bytes());
+    assert_eq!(pba(&mut f), 1 << 1 | 1 << 2);
+
+    // Unmasked, the count is KVM's to deliver (its irqfd takes it), and
+    // the bit no longer reads as pending.
+    f.write(MSIX + 2, &(1u16 << 15).to_le_bytes());
+    f.dev.write_bar(BAR0, 0x2000 + 16 + 12, &0u32.to_le_bytes());
+    assert_eq!(pba(&mut f), 0);
+    assert_eq!(
+        f.msix.notifier(1).unwrap().read().unwrap(),
+        1,
+        "still there for KVM"
     );
 }
