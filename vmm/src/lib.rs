@@ -3,8 +3,9 @@
 //!
 //! Module ownership (who builds what):
 //! - platform: `arch`, `memory`, `vcpu`, `boot`, `acpi`, `vm`;
-//! - plumbing: `config` (the CLI and its option grammar), `interrupt` (the
-//!   one owner of the KVM GSI routing table, MSI-X groups, INTx),
+//! - plumbing: `config` (the CLI and its option grammar), `logger` (the
+//!   log's rate limit per call site), `interrupt` (the one owner of the
+//!   KVM GSI routing table, MSI-X groups, INTx),
 //!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
 //!   relocation with ioeventfds).
 
@@ -14,6 +15,7 @@ pub mod boot;
 pub mod config;
 pub mod device_manager;
 pub mod interrupt;
+pub mod logger;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use vmm::config::{self, ConfigError, Invocation, VmConfig};
 use vmm::device_manager::DeviceManager;
+use vmm::logger::{Limits, MonotonicClock, RateLimitedLogger};
 use vmm::vm::{PlatformConfig, Vm, VmDevices, VmExitStatus};
 
 /// Exit status for a bad command line or configuration.
@@ -58,13 +59,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(config.verbosity);
+    let logger = init_logging(config.verbosity);
     if let Err(e) = config.check_files() {
         report(&e);
         return ExitCode::from(EXIT_USAGE);
     }
     let _stdin = StdinFlags::save();
-    match run(&config) {
+    let result = run(&config, logger);
+    // Every thread that logs has ended: say what the rate limit dropped
+    // since each call site's last line.
+    log::logger().flush();
+    match result {
         Ok(None) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
@@ -103,12 +108,28 @@ impl Drop for StdinFlags {
     }
 }
 
-/// Logging goes to stderr; `RUST_LOG` overrides the `-v` levels.
-fn init_logging(verbosity: u8) {
+/// The logger: env_logger behind the per-call-site rate limit.
+type Logger = RateLimitedLogger<env_logger::Logger, MonotonicClock>;
+
+/// Logging goes to stderr; `RUST_LOG` overrides the `-v` levels. Records
+/// are rate limited per call site once the guest runs (see vmm::logger).
+fn init_logging(verbosity: u8) -> &'static Logger {
     let env = env_logger::Env::default().default_filter_or(config::log_filter(verbosity));
-    env_logger::Builder::from_env(env)
+    let inner = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
-        .init();
+        .build();
+    let max_level = inner.filter();
+    // Leaked: the global logger lives as long as the process.
+    let logger: &'static Logger = Box::leak(Box::new(RateLimitedLogger::new(
+        inner,
+        MonotonicClock::new(),
+        Limits::default(),
+    )));
+    // Fails only if a logger is already set, and nothing else sets one.
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(max_level);
+    }
+    logger
 }
 
 /// Prints `e` and its causes on one line.
@@ -130,7 +151,7 @@ fn report(e: &dyn Error) {
 /// Builds the VM described by `config` and runs it until the guest powers
 /// off (`Ok`, with the status written to the debug exit port if the guest
 /// used it) or the VM ends any other way (`Err`).
-fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
+fn run(config: &VmConfig, logger: &Logger) -> Result<Option<u8>, Box<dyn Error>> {
     let mut vm = Vm::new(PlatformConfig {
         kernel: config.kernel.clone(),
         initramfs: config.initramfs.clone(),
@@ -150,6 +171,8 @@ fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
     })?;
     devices.log_topology();
     devices.start_event_loop()?;
+    // From here on the guest runs and decides what the devices log.
+    logger.start_limiting();
     let status = vm.run();
     devices.shutdown();
     let status = status?;

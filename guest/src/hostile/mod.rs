@@ -14,6 +14,7 @@
 
 mod blk;
 mod dev;
+mod flood;
 mod mem;
 mod msix;
 mod others;
@@ -213,13 +214,14 @@ pub fn run(ctx: &mut Ctx, start_info: u64, only: &str) {
     spin_ms(500);
     let start = rdtsc();
     let mut count = 0u64;
-    let lists: [&[Action]; 7] = [
+    let lists: [&[Action]; 8] = [
         blk::ACTIONS,
         transport::ACTIONS,
         ring::ACTIONS,
         msix::ACTIONS,
         pcifn::ACTIONS,
         others::ACTIONS,
+        flood::ACTIONS,
         blk::LATE_ACTIONS,
     ];
     for action in lists.iter().flat_map(|l| l.iter()) {

@@ -55,7 +55,7 @@ fn cfg_write16(df: DeviceFunction, offset: u8, value: u16) {
 
 /// Moves BAR 0 the way an OS does (decoding off, both halves, decoding
 /// on) and returns where it reads afterwards.
-fn move_bar(pci: &mut Pci, df: DeviceFunction, to: u64) -> u64 {
+pub(super) fn move_bar(pci: &mut Pci, df: DeviceFunction, to: u64) -> u64 {
     let command = pci.read(df, 4) & 0xffff;
     pci.write(df, 4, command & !CMD_MEM);
     pci.write(df, 0x10, to as u32);
