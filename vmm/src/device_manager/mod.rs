@@ -568,5 +568,12 @@ impl DeviceManager {
 impl Drop for DeviceManager {
     fn drop(&mut self) {
         self.shutdown();
+        // The buses hold the PCI root (through the configuration ports and
+        // ECAM), which holds the relocator, which holds the buses: without
+        // this the devices, and all they hold (taps, VFIO groups, guest RAM,
+        // the VM fd), would outlive the manager, and a VM rebuilt after a
+        // guest reset could not have them again.
+        self.io_bus.clear();
+        self.mmio_bus.clear();
     }
 }

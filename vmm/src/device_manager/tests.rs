@@ -707,3 +707,28 @@ fn the_topology_is_logged_under_its_target() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn dropping_the_manager_releases_every_device() {
+    // A guest reset rebuilds the VM: whatever the old devices hold (taps,
+    // VFIO groups, guest RAM, the VM fd) must go with their manager.
+    let Rig { mut dm, irq, io } = rig();
+    let device = Arc::new(Mutex::new(FakeVirtio { sizes: vec![8, 8] }));
+    let virtio = Arc::downgrade(&device);
+    dm.add_virtio_device("v0", device, guest_memory()).unwrap();
+    add_fake(&mut dm, "f0").unwrap();
+    let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+    dm.add_legacy_devices(&OutputMode::Off, reset).unwrap();
+    dm.start_event_loop().unwrap();
+    let buses = [Arc::downgrade(dm.io_bus()), Arc::downgrade(dm.mmio_bus())];
+    let root = Arc::downgrade(dm.pci_root());
+    drop(dm);
+    assert!(virtio.upgrade().is_none(), "the virtio device outlived it");
+    assert!(
+        buses.iter().all(|b| b.upgrade().is_none()),
+        "a bus outlived it"
+    );
+    assert!(root.upgrade().is_none(), "the PCI root outlived it");
+    assert_eq!(Arc::strong_count(&irq), 1, "interrupt backend still held");
+    assert_eq!(Arc::strong_count(&io), 1, "ioeventfd backend still held");
+}
