@@ -11,7 +11,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use vmm::config::{self, ConfigError, Invocation, VmConfig};
-use vmm::device_manager::DeviceManager;
+use vmm::device_manager::{DeviceManager, Outputs};
 use vmm::vm::{PlatformConfig, Vm, VmDevices, VmExitStatus};
 
 /// Exit status for a bad command line or configuration.
@@ -64,7 +64,8 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     let _stdin = StdinFlags::save();
-    match run(&config) {
+    let outputs = Outputs::new(&config.serial, &config.console);
+    match run(&config, &outputs) {
         Ok(None) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
@@ -130,7 +131,7 @@ fn report(e: &dyn Error) {
 /// Builds the VM described by `config` and runs it until the guest powers
 /// off (`Ok`, with the status written to the debug exit port if the guest
 /// used it) or the VM ends any other way (`Err`).
-fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
+fn run(config: &VmConfig, outputs: &Outputs) -> Result<Option<u8>, Box<dyn Error>> {
     let mut vm = Vm::new(PlatformConfig {
         kernel: config.kernel.clone(),
         initramfs: config.initramfs.clone(),
@@ -139,9 +140,9 @@ fn run(config: &VmConfig) -> Result<Option<u8>, Box<dyn Error>> {
         vcpus: config.vcpus,
     })?;
     let mut devices = DeviceManager::new(vm.vm_fd(), vm.ram_end())?;
-    devices.add_legacy_devices(&config.serial, vm.reset_evt()?)?;
+    devices.add_legacy_devices(&outputs.serial, vm.reset_evt()?)?;
     let debug_exit = devices.add_debug_exit(vm.poweroff_evt()?)?;
-    devices.create_devices(config, vm.guest_memory())?;
+    devices.create_devices(config, &outputs.console, vm.guest_memory())?;
     devices.add_vfio_devices(config, &vm.vm_fd(), vm.memory())?;
     vm.setup(&VmDevices {
         io_bus: devices.io_bus().clone(),
