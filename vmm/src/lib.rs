@@ -6,7 +6,9 @@
 //! - plumbing: `config` (the CLI and its option grammar), `interrupt` (the
 //!   one owner of the KVM GSI routing table, MSI-X groups, INTx),
 //!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
-//!   relocation with ioeventfds).
+//!   relocation with ioeventfds);
+//! - `machine`: one VM built from the configuration and run, and the loop
+//!   that rebuilds it when the guest resets it.
 
 pub mod acpi;
 pub mod arch;
@@ -14,6 +16,7 @@ pub mod boot;
 pub mod config;
 pub mod device_manager;
 pub mod interrupt;
+pub mod machine;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -1,18 +1,19 @@
 //! The `trellis` command line: parses the options, sets up logging, builds
-//! and runs the VM.
+//! and runs the VM, and builds it again whenever the guest resets it (see
+//! `vmm::machine`).
 //!
 //! Exit status: 0 when the guest powered off, 1 when the VM could not be
-//! built or failed, 2 for a bad command line; a guest that ends the VM
-//! through the debug exit port (0xf4) chooses the status itself. Every failure is reported as
-//! one line on stderr, `trellis: error: ...`, with the error's causes
-//! joined by ": ".
+//! built or failed (a triple fault included), 2 for a bad command line; a
+//! guest that ends the VM through the debug exit port (0xf4) chooses the
+//! status itself. Every failure is reported as one line on stderr,
+//! `trellis: error: ...`, with the error's causes joined by ": ".
 
 use std::error::Error;
 use std::process::ExitCode;
 
-use vmm::config::{self, ConfigError, Invocation, VmConfig};
-use vmm::device_manager::{DeviceManager, Outputs};
-use vmm::vm::{PlatformConfig, Vm, VmDevices, VmExitStatus};
+use vmm::config::{self, ConfigError, Invocation};
+use vmm::device_manager::Outputs;
+use vmm::machine;
 
 /// Exit status for a bad command line or configuration.
 const EXIT_USAGE: u8 = 2;
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
     }
     let _stdin = StdinFlags::save();
     let outputs = Outputs::new(&config.serial, &config.console);
-    match run(&config, &outputs) {
+    match machine::run_until_end(&config, &outputs) {
         Ok(None) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
             ExitCode::from(status)
         }
         Err(e) => {
-            report(e.as_ref());
+            report(&e);
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -126,47 +127,4 @@ fn report(e: &dyn Error) {
         source = cause.source();
     }
     eprintln!("trellis: error: {}", line.replace('\n', " "));
-}
-
-/// Builds the VM described by `config` and runs it until the guest powers
-/// off (`Ok`, with the status written to the debug exit port if the guest
-/// used it) or the VM ends any other way (`Err`).
-fn run(config: &VmConfig, outputs: &Outputs) -> Result<Option<u8>, Box<dyn Error>> {
-    let mut vm = Vm::new(PlatformConfig {
-        kernel: config.kernel.clone(),
-        initramfs: config.initramfs.clone(),
-        cmdline: config.cmdline.clone(),
-        mem_size: config.memory_size,
-        vcpus: config.vcpus,
-    })?;
-    let mut devices = DeviceManager::new(vm.vm_fd(), vm.ram_end())?;
-    devices.add_legacy_devices(&outputs.serial, vm.reset_evt()?)?;
-    let debug_exit = devices.add_debug_exit(vm.poweroff_evt()?)?;
-    devices.create_devices(config, &outputs.console, vm.guest_memory())?;
-    devices.add_vfio_devices(config, &vm.vm_fd(), vm.memory())?;
-    vm.setup(&VmDevices {
-        io_bus: devices.io_bus().clone(),
-        mmio_bus: devices.mmio_bus().clone(),
-        pci_host: devices.pci_host_info(),
-    })?;
-    devices.log_topology();
-    devices.start_event_loop()?;
-    let status = vm.run();
-    devices.shutdown();
-    let status = status?;
-    // A verdict on the debug exit port is final: the vCPU runs on until the
-    // exit is noticed, and a reset it issues meanwhile must not override it.
-    if let Some(verdict) = debug_exit.get() {
-        return Ok(Some(verdict));
-    }
-    match status {
-        VmExitStatus::PowerOff => Ok(debug_exit.get()),
-        VmExitStatus::Reset => {
-            Err("the guest reset the VM (trellis does not restart guests)".into())
-        }
-        VmExitStatus::TripleFault { vcpu } => {
-            Err(format!("vCPU {vcpu} triple-faulted (the guest crashed)").into())
-        }
-        VmExitStatus::Stopped => Err("the VM was stopped".into()),
-    }
 }
