@@ -3,18 +3,20 @@
 //!
 //! The disk tells the boots apart. Without the marker at [`MARK_SECTOR`]
 //! (the first boot) the guest writes it, flushes, sends a console line if
-//! there is a console, and resets the machine: the i8042 reset line
+//! there is a console, prints the NIC's MAC if there is a NIC (it must not
+//! change across the reboot), and resets the machine: the i8042 reset line
 //! (`reset=kbd`, the default) or the FADT's reset register (`reset=acpi`).
 //! It never returns then. With the marker (the boot after the reset) it
 //! reports `TEST reboot-marker ok` and returns, and the normal checks run,
 //! so the rebuilt devices are checked too.
 
 use crate::hal::GuestHal;
-use crate::serial::{Dec, Hex};
+use crate::serial::{Dec, Hex, HexN};
 use crate::virtio::{self, IrqTransport};
 use crate::{acpi, arch, exit, println, Ctx};
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::device::console::VirtIOConsole;
+use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::DeviceType;
 
 /// Where the marker goes: after the sectors the checks write (64..71).
@@ -118,6 +120,7 @@ pub fn run(ctx: &mut Ctx) {
         Dec(MARK_SECTOR as u64)
     );
     console_line(ctx);
+    print_mac(ctx);
 
     arch::cli();
     match method {
@@ -169,5 +172,33 @@ fn console_line(ctx: &mut Ctx) {
             core::mem::forget(dev);
         }
         Err(e) => println!("REBOOT console unavailable: {e}"),
+    }
+}
+
+/// Prints `REBOOT net mac=...` if there is a NIC: the host compares it with
+/// what the second boot's `net-init` reports.
+fn print_mac(ctx: &mut Ctx) {
+    let Some(f) = ctx.find(DeviceType::Network) else {
+        return;
+    };
+    let Ok(t) = virtio::open(&mut ctx.pci, &f, 2, false, ctx.apic_id) else {
+        println!("REBOOT net unavailable");
+        return;
+    };
+    match VirtIONetRaw::<GuestHal, IrqTransport, 16>::new(t) {
+        Ok(dev) => {
+            let mac = dev.mac_address();
+            println!(
+                "REBOOT net mac={}:{}:{}:{}:{}:{}",
+                HexN(mac[0].into(), 2),
+                HexN(mac[1].into(), 2),
+                HexN(mac[2].into(), 2),
+                HexN(mac[3].into(), 2),
+                HexN(mac[4].into(), 2),
+                HexN(mac[5].into(), 2)
+            );
+            core::mem::forget(dev);
+        }
+        Err(e) => println!("REBOOT net unavailable: {e}"),
     }
 }

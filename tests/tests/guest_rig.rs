@@ -277,6 +277,16 @@ fn check_one_reboot(out: &Outcome, method: &str, expected: &[&str]) {
             && !stderr.contains("for boot 3"),
         "trellis did not log exactly one reboot",
     );
+    // The NIC kept its (random) address across the reboot.
+    if let Some(first) = out.lines("REBOOT net mac=").next() {
+        let second = out.test("net-init").detail;
+        out.check(
+            first.strip_prefix("REBOOT net ") == Some(second.as_str()),
+            format!("the MAC changed across the reboot: {first:?}, then {second:?}"),
+        );
+    } else if expected.contains(&"net-init") {
+        out.fail("the first boot printed no REBOOT net mac= line");
+    }
     let sector = out.read_disk(MARK_SECTOR * SECTOR, SECTOR as usize);
     out.check(
         sector.starts_with(format!("{MARK}{method}\n").as_bytes()),

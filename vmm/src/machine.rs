@@ -9,7 +9,9 @@
 //! images (reopened) and the serial and console outputs (one [`Outputs`]
 //! for the whole process, so later boots append to what earlier ones
 //! wrote). The old VM is dropped before the new one is built, so what can
-//! only be held once (an attached tap, a VFIO group) is free again.
+//! only be held once (an attached tap, a VFIO group) is free again. What
+//! the configuration leaves to chance is chosen once ([`with_fixed_macs`]),
+//! so the guest finds the same machine on every boot.
 //!
 //! How a boot ends decides what happens next ([`next_step`]): a power-off
 //! or a verdict on the debug exit port ends `trellis`, a reset reboots, a
@@ -20,7 +22,7 @@ use devices::debug_exit::DebugExitStatus;
 use log::info;
 use thiserror::Error;
 
-use crate::config::VmConfig;
+use crate::config::{MacAddr, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError, Outputs};
 use crate::vm::{PlatformConfig, Vm, VmDevices, VmError, VmExitStatus, VmStopHandle};
 
@@ -171,8 +173,9 @@ pub fn next_step(
 /// status if the guest used it. The topology is logged on the first boot,
 /// one line per reboot.
 pub fn run_until_end(config: &VmConfig, outputs: &Outputs) -> Result<Option<u8>, MachineError> {
+    let config = with_fixed_macs(config);
     boot_loop(|boot| {
-        let machine = Machine::build(config, outputs).map_err(|e| match boot {
+        let machine = Machine::build(&config, outputs).map_err(|e| match boot {
             1 => e,
             _ => MachineError::Rebuild {
                 boot,
@@ -184,6 +187,17 @@ pub fn run_until_end(config: &VmConfig, outputs: &Outputs) -> Result<Option<u8>,
         }
         machine.run()
     })
+}
+
+/// `config` with a MAC address chosen now for every NIC without `mac=`:
+/// a NIC keeps its address across reboots, as on a real machine (left to
+/// itself, the device picks a new random one each time it is built).
+pub fn with_fixed_macs(config: &VmConfig) -> VmConfig {
+    let mut config = config.clone();
+    for net in &mut config.nets {
+        net.mac.get_or_insert_with(MacAddr::random_local);
+    }
+    config
 }
 
 /// Calls `boot(1)`, `boot(2)`... while each ends with a reset.
@@ -254,6 +268,30 @@ mod tests {
         });
         assert!(matches!(result, Err(MachineError::TripleFault { vcpu: 0 })));
         assert_eq!(boots, 2);
+    }
+
+    #[test]
+    fn every_nic_keeps_one_address() {
+        let args = [
+            "trellis",
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=a",
+            "--net",
+            "tap=b,mac=52:54:00:12:34:56",
+        ]
+        .map(String::from);
+        let config = VmConfig::parse(&args).unwrap();
+        let fixed = with_fixed_macs(&config);
+        let given: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(fixed.nets[1].mac, Some(given));
+        let chosen = fixed.nets[0].mac.expect("a MAC for tap=a");
+        assert_eq!(chosen.bytes()[0], 0x02, "locally administered, unicast");
+        // Only the MAC changed.
+        let mut back = fixed.clone();
+        back.nets[0].mac = None;
+        assert_eq!(back, config);
     }
 
     #[test]
