@@ -48,7 +48,8 @@ rig_setup() {
 # The L2 kernel command line; rig.* parameters are read by guest/l2-init.sh.
 # quiet + loglevel keep kernel messages from splitting the CHECK lines;
 # reboot=k + panic=-1: if power-off fails, init's exit resets the machine
-# through the i8042, which ends the VMM (and QEMU with -no-reboot) as well.
+# through the i8042, which ends QEMU (-no-reboot); trellis reboots L2
+# instead, until its timeout kills it (a failed l1.trellis.exit either way).
 # With VFIO=1 the passed-through virtio-blk is a third disk, and L2 checks
 # it and the edu device (guest/vfio.sh).
 l2_cmdline() {

@@ -205,6 +205,16 @@ impl Bus {
             .ok_or(BusError::NotFound(base))
     }
 
+    /// Removes every device, e.g. when the VM is torn down: a device that
+    /// holds the bus it sits on (the PCI root, through its BAR relocation)
+    /// would otherwise keep itself and the bus alive. The devices are
+    /// dropped after the map lock is released, so their `Drop` may use the
+    /// bus.
+    pub fn clear(&self) {
+        let devices = std::mem::take(&mut *self.write_map());
+        drop(devices);
+    }
+
     /// Moves the device whose range starts at `old_base` to
     /// `[new_base, new_base + new_len)`, e.g. after the guest reprogrammed a
     /// PCI BAR.
@@ -703,6 +713,21 @@ mod tests {
         let mut buf = [0u8; 4];
         bus.read(0x20c, &mut buf).unwrap();
         assert_eq!(buf, [0x5a; 4]);
+    }
+
+    #[test]
+    fn clear_drops_devices_that_hold_the_bus() {
+        let bus = Arc::new(Bus::new());
+        let dev = Arc::new(Mutex::new(SelfMover {
+            bus: Arc::clone(&bus),
+        }));
+        let weak = Arc::downgrade(&dev);
+        bus.insert(dev, 0x100, 0x10).unwrap();
+        bus.insert(dummy(), 0x60, 5).unwrap();
+        bus.clear();
+        assert!(weak.upgrade().is_none());
+        assert_eq!(Arc::strong_count(&bus), 1);
+        assert_eq!(bus.read(0x60, &mut [0]), Err(BusError::NoDevice(0x60)));
     }
 
     struct Panicky;

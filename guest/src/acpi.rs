@@ -1,5 +1,5 @@
-//! Just enough ACPI to find the PCI ECAM: RSDP -> XSDT/RSDT -> MCFG.
-//! All tables are read through the identity map.
+//! Just enough ACPI to find the PCI ECAM (RSDP -> XSDT/RSDT -> MCFG) and
+//! the reset register (FADT). All tables are read through the identity map.
 
 /// One MCFG allocation: ECAM for a range of buses of one segment.
 #[derive(Clone, Copy, Debug)]
@@ -131,4 +131,26 @@ pub fn find_ecam(rsdp: &Rsdp) -> Option<Ecam> {
         entry += 16;
     }
     None
+}
+
+/// The FADT's reset register as (port, value), if the FADT has one
+/// (RESET_REG_SUP, flags bit 10) in system I/O space.
+pub fn find_reset_port(rsdp: &Rsdp) -> Option<(u16, u8)> {
+    const FLAGS: u64 = 112;
+    const RESET_REG: u64 = 116;
+    const RESET_VALUE: u64 = 128;
+    const RESET_REG_SUP: u32 = 1 << 10;
+    const SYSTEM_IO: u8 = 1;
+    let fadt = find_table(rsdp, b"FACP")?;
+    if u64::from(read_u32(fadt + 4)) <= RESET_VALUE {
+        return None;
+    }
+    // Generic address structure: space, bit width, bit offset, access
+    // size, 64-bit address.
+    let space = read_bytes::<1>(fadt + RESET_REG)[0];
+    if read_u32(fadt + FLAGS) & RESET_REG_SUP == 0 || space != SYSTEM_IO {
+        return None;
+    }
+    let port = u16::try_from(read_u64(fadt + RESET_REG + 4)).ok()?;
+    Some((port, read_bytes::<1>(fadt + RESET_VALUE)[0]))
 }

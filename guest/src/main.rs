@@ -17,6 +17,7 @@ mod hostile;
 mod interrupts;
 mod mem;
 mod pci;
+mod reboot;
 mod serial;
 mod tests;
 mod timer;
@@ -109,6 +110,10 @@ pub struct Config {
     pub hostile: bool,
     /// `hostile_only=<prefix>`: only the hostile actions named so.
     pub hostile_only: &'static str,
+    /// `mode=reboot`: reset the machine on the first boot (see reboot.rs).
+    pub reboot: bool,
+    /// `reset=kbd|acpi`: how `mode=reboot` resets the machine.
+    pub reset: reboot::ResetMethod,
 }
 
 /// Devices the host attached.
@@ -134,6 +139,8 @@ impl Config {
             expect_ro: false,
             hostile: false,
             hostile_only: "",
+            reboot: false,
+            reset: reboot::ResetMethod::Kbd,
         };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -141,7 +148,9 @@ impl Config {
                 "mode" => {
                     cfg.bench = value == "bench";
                     cfg.hostile = value == "hostile";
+                    cfg.reboot = value == "reboot";
                 }
+                "reset" => cfg.reset = reboot::ResetMethod::parse(value),
                 "hostile_only" => cfg.hostile_only = value,
                 "expect" => {
                     for dev in value.split(',') {
@@ -215,6 +224,8 @@ pub struct Ctx {
     pub apic_id: u32,
     pub tsc_hz: Option<u64>,
     pub report: Report,
+    /// Where ACPI's tables are, if they were found.
+    pub rsdp: Option<acpi::Rsdp>,
 }
 
 impl Ctx {
@@ -331,6 +342,7 @@ extern "C" fn guest_main(start_info: u32) -> ! {
         apic_id,
         tsc_hz: tsc.map(|(hz, _)| hz),
         report: Report::default(),
+        rsdp,
     };
     ctx.report.check(
         "pci-enumerate",
@@ -356,6 +368,10 @@ extern "C" fn guest_main(start_info: u32) -> ! {
         let only = ctx.cfg.hostile_only;
         hostile::run(&mut ctx, si, only);
     } else {
+        if ctx.cfg.reboot {
+            // Returns on the boot after the reset only.
+            reboot::run(&mut ctx);
+        }
         tests::run(&mut ctx);
     }
     if ctx.cfg.bench {

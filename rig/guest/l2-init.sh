@@ -280,7 +280,8 @@ fi
 echo "RIG-L2-DONE pass=$PASS fail=$FAIL uptime=$(cut -d' ' -f1 /proc/uptime)"
 sync
 # Power off; if the VMM has no ACPI power-off the call returns, init exits,
-# the kernel panics and panic=-1 resets the machine, which ends the VMM too.
+# the kernel panics and panic=-1 resets the machine: QEMU (-no-reboot) ends,
+# trellis reboots L2 until l1-init's timeout ends it.
 poweroff -f
 sleep 5
 reboot -f

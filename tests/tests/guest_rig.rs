@@ -233,3 +233,116 @@ fn guest_page_fault_ends_the_vm_with_status_1() {
         "no page fault EXCEPTION line in the serial log",
     );
 }
+
+/// `mode=reboot` (guest/src/reboot.rs): where the first boot leaves its
+/// marker, what it starts with, and its console line.
+const MARK_SECTOR: u64 = 128;
+const MARK: &str = "TRELLIS-REBOOT-MARK ";
+const FIRST_BOOT_CONSOLE_LINE: &str = "TRELLIS-REBOOT-FIRST-BOOT";
+
+/// What every reboot run must show: trellis exited 0 after exactly one
+/// reboot (one log line, two guest boots), the second boot passed the
+/// checks in `expected` and found the marker the first one wrote with
+/// `method`, and the marker is in the image.
+fn check_one_reboot(out: &Outcome, method: &str, expected: &[&str]) {
+    let mut checks = vec!["reboot-marker"];
+    checks.extend_from_slice(expected);
+    out.assert_passed(&checks);
+    out.check(
+        out.lines("TRELLIS-GUEST boot").count() == 2,
+        "the serial log does not show two boots",
+    );
+    // assert_passed looked at the second boot; the first one must not have
+    // failed anything either.
+    out.check(
+        out.lines("TEST ")
+            .all(|l| l.split(' ').nth(2) == Some("ok")),
+        "a TEST line of the first boot failed",
+    );
+    out.check(
+        out.lines("REBOOT marker written").count() == 1,
+        "the first boot did not write its marker exactly once",
+    );
+    let marker = out.test("reboot-marker").detail;
+    out.check(
+        marker == format!("sector={MARK_SECTOR} reset={method}"),
+        format!("the second boot found {marker:?}"),
+    );
+    let stderr = &out.finished.stderr;
+    out.check(
+        stderr
+            .matches("the guest reset the VM: rebuilding it for boot 2")
+            .count()
+            == 1
+            && !stderr.contains("for boot 3"),
+        "trellis did not log exactly one reboot",
+    );
+    // The NIC kept its (random) address across the reboot.
+    if let Some(first) = out.lines("REBOOT net mac=").next() {
+        let second = out.test("net-init").detail;
+        out.check(
+            first.strip_prefix("REBOOT net ") == Some(second.as_str()),
+            format!("the MAC changed across the reboot: {first:?}, then {second:?}"),
+        );
+    } else if expected.contains(&"net-init") {
+        out.fail("the first boot printed no REBOOT net mac= line");
+    }
+    let sector = out.read_disk(MARK_SECTOR * SECTOR, SECTOR as usize);
+    out.check(
+        sector.starts_with(format!("{MARK}{method}\n").as_bytes()),
+        format!(
+            "sector {MARK_SECTOR} lacks the marker: {:?}",
+            String::from_utf8_lossy(&sector[..32])
+        ),
+    );
+}
+
+#[test]
+fn a_guest_reset_reboots_the_vm() {
+    // Every device, so each is torn down and built again, the watched tap
+    // attached twice; the checks run on the second boot.
+    let out = all_devices("reboot", "mode=reboot");
+    check_one_reboot(&out, "kbd", ALL_CHECKS);
+    out.check(
+        out.lines("REBOOT resetting through the i8042").count() == 1,
+        "the first boot did not reset through the i8042",
+    );
+    check_host_side(&out);
+    // Both boots' console output is in the file, in order: the rebuilt
+    // console did not truncate it.
+    let console = out.console.as_deref().unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    out.check(
+        lines.iter().position(|l| *l == FIRST_BOOT_CONSOLE_LINE)
+            < lines.iter().position(|l| *l == CONSOLE_LINE)
+            && lines.contains(&FIRST_BOOT_CONSOLE_LINE),
+        format!("the console file lost the first boot's line: {console:?}"),
+    );
+}
+
+#[test]
+fn the_acpi_reset_register_reboots_the_vm() {
+    // A tap trellis creates itself: the old VM must let go of it before
+    // the new one creates it again.
+    let tap = format!("trl2r-{}", std::process::id() % 1_000_000);
+    let out = GuestRun::new(base(), "reboot-acpi")
+        .cmdline("expect=blk,net mode=reboot reset=acpi")
+        .disk()
+        .args(&["--net", &format!("tap={tap}")])
+        .run();
+    check_one_reboot(
+        &out,
+        "acpi",
+        &["blk-init", "blk-read", "blk-write", "net-init"],
+    );
+    out.check(
+        out.lines("REBOOT resetting through the FADT reset register")
+            .count()
+            == 1,
+        "the first boot did not reset through the FADT's reset register",
+    );
+    out.check(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        format!("the tap {tap} trellis created outlived it"),
+    );
+}

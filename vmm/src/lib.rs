@@ -7,7 +7,9 @@
 //!   log's rate limit per call site), `interrupt` (the one owner of the
 //!   KVM GSI routing table, MSI-X groups, INTx),
 //!   `device_manager` (PCI root, virtio devices, legacy devices, BAR
-//!   relocation with ioeventfds).
+//!   relocation with ioeventfds);
+//! - `machine`: one VM built from the configuration and run, and the loop
+//!   that rebuilds it when the guest resets it.
 
 pub mod acpi;
 pub mod arch;
@@ -16,6 +18,7 @@ pub mod config;
 pub mod device_manager;
 pub mod interrupt;
 pub mod logger;
+pub mod machine;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

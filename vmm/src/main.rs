@@ -1,19 +1,20 @@
 //! The `trellis` command line: parses the options, sets up logging, builds
-//! and runs the VM.
+//! and runs the VM, and builds it again whenever the guest resets it (see
+//! `vmm::machine`).
 //!
 //! Exit status: 0 when the guest powered off, 1 when the VM could not be
-//! built or failed, 2 for a bad command line; a guest that ends the VM
-//! through the debug exit port (0xf4) chooses the status itself. Every failure is reported as
-//! one line on stderr, `trellis: error: ...`, with the error's causes
-//! joined by ": ".
+//! built or failed (a triple fault included), 2 for a bad command line; a
+//! guest that ends the VM through the debug exit port (0xf4) chooses the
+//! status itself. Every failure is reported as one line on stderr,
+//! `trellis: error: ...`, with the error's causes joined by ": ".
 
 use std::error::Error;
 use std::process::ExitCode;
 
-use vmm::config::{self, ConfigError, Invocation, VmConfig};
-use vmm::device_manager::DeviceManager;
+use vmm::config::{self, ConfigError, Invocation};
+use vmm::device_manager::Outputs;
 use vmm::logger::{Limits, MonotonicClock, RateLimitedLogger};
-use vmm::vm::{PlatformConfig, Vm, VmDevices, VmExitStatus};
+use vmm::machine;
 
 /// Exit status for a bad command line or configuration.
 const EXIT_USAGE: u8 = 2;
@@ -65,7 +66,9 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     let _stdin = StdinFlags::save();
-    let result = run(&config, logger);
+    let outputs = Outputs::new(&config.serial, &config.console);
+    // From the first boot on the guest runs and decides what devices log.
+    let result = machine::run_until_end(&config, &outputs, &|| logger.start_limiting());
     // Every thread that logs has ended: say what the rate limit dropped
     // since each call site's last line.
     log::logger().flush();
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
             ExitCode::from(status)
         }
         Err(e) => {
-            report(e.as_ref());
+            report(&e);
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -146,49 +149,4 @@ fn report(e: &dyn Error) {
         source = cause.source();
     }
     eprintln!("trellis: error: {}", line.replace('\n', " "));
-}
-
-/// Builds the VM described by `config` and runs it until the guest powers
-/// off (`Ok`, with the status written to the debug exit port if the guest
-/// used it) or the VM ends any other way (`Err`).
-fn run(config: &VmConfig, logger: &Logger) -> Result<Option<u8>, Box<dyn Error>> {
-    let mut vm = Vm::new(PlatformConfig {
-        kernel: config.kernel.clone(),
-        initramfs: config.initramfs.clone(),
-        cmdline: config.cmdline.clone(),
-        mem_size: config.memory_size,
-        vcpus: config.vcpus,
-    })?;
-    let mut devices = DeviceManager::new(vm.vm_fd(), vm.ram_end())?;
-    devices.add_legacy_devices(&config.serial, vm.reset_evt()?)?;
-    let debug_exit = devices.add_debug_exit(vm.poweroff_evt()?)?;
-    devices.create_devices(config, vm.guest_memory())?;
-    devices.add_vfio_devices(config, &vm.vm_fd(), vm.memory())?;
-    vm.setup(&VmDevices {
-        io_bus: devices.io_bus().clone(),
-        mmio_bus: devices.mmio_bus().clone(),
-        pci_host: devices.pci_host_info(),
-    })?;
-    devices.log_topology();
-    devices.start_event_loop()?;
-    // From here on the guest runs and decides what the devices log.
-    logger.start_limiting();
-    let status = vm.run();
-    devices.shutdown();
-    let status = status?;
-    // A verdict on the debug exit port is final: the vCPU runs on until the
-    // exit is noticed, and a reset it issues meanwhile must not override it.
-    if let Some(verdict) = debug_exit.get() {
-        return Ok(Some(verdict));
-    }
-    match status {
-        VmExitStatus::PowerOff => Ok(debug_exit.get()),
-        VmExitStatus::Reset => {
-            Err("the guest reset the VM (trellis does not restart guests)".into())
-        }
-        VmExitStatus::TripleFault { vcpu } => {
-            Err(format!("vCPU {vcpu} triple-faulted (the guest crashed)").into())
-        }
-        VmExitStatus::Stopped => Err("the VM was stopped".into()),
-    }
 }

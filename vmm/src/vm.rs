@@ -20,10 +20,13 @@
 //!    powers off or resets, a vCPU fails, or [`VmStopHandle::stop`] is
 //!    called; then it stops every vCPU and returns.
 //!
-//! A guest reset is not carried out: it ends the VM like a power-off, with
+//! A `Vm` runs once. A guest reset ends the run like a power-off, with
 //! [`VmExitStatus::Reset`] (or [`VmExitStatus::TripleFault`]) so the caller
-//! can tell them apart. All guest-initiated ends are `Ok`; `Err` means the
-//! VM failed.
+//! can tell them apart; rebooting is the caller's business: `trellis`
+//! tears the whole VM down and builds a new one from the same
+//! configuration (see [`crate::machine`]), as a reset would start a real
+//! machine from scratch. All guest-initiated ends are `Ok`; `Err` means
+//! the VM failed.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -96,7 +99,8 @@ pub enum VmExitStatus {
     /// The guest powered off (ACPI S5, or a KVM shutdown system event).
     PowerOff,
     /// The guest asked for a reset (ACPI reset register, i8042, or a KVM
-    /// reset system event). The VM is not restarted.
+    /// reset system event). The VM is not restarted here; see the module
+    /// documentation.
     Reset,
     /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`), which resets a real
     /// machine; also a last-resort reboot method of Linux.
@@ -198,6 +202,8 @@ pub struct Vm {
     stop_evt: Arc<EventFd>,
     vcpus: Vec<Vcpu>,
     boot: Option<BootInfo>,
+    /// vCPU threads [`run`](Self::run) had to leave running.
+    vcpu_threads_left: usize,
 }
 
 impl std::fmt::Debug for Vm {
@@ -278,6 +284,7 @@ impl Vm {
             stop_evt: Arc::new(new_evt()?),
             vcpus: Vec::new(),
             boot: None,
+            vcpu_threads_left: 0,
         })
     }
 
@@ -322,6 +329,13 @@ impl Vm {
     /// A handle that stops [`run`](Self::run) from another thread.
     pub fn stop_handle(&self) -> VmStopHandle {
         VmStopHandle(self.stop_evt.clone())
+    }
+
+    /// How many vCPU threads did not stop when [`run`](Self::run) ended
+    /// (each is logged); they still hold their vCPU and the buses, so the
+    /// VM's resources are not all released.
+    pub fn vcpu_threads_left(&self) -> usize {
+        self.vcpu_threads_left
     }
 
     /// What was loaded, once [`setup`](Self::setup) succeeded.
@@ -402,14 +416,14 @@ impl Vm {
             match spawn_vcpu(vcpu, state.clone()) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    stop_vcpus(&state, threads);
+                    self.vcpu_threads_left = stop_vcpus(&state, threads);
                     return Err(e.into());
                 }
             }
         }
 
         let result = wait_for_exit(&epoll, &state, &vcpu_exit_evt);
-        stop_vcpus(&state, threads);
+        self.vcpu_threads_left = stop_vcpus(&state, threads);
         match &result {
             Ok(status) => info!("VM ended: {status:?}"),
             Err(e) => error!("VM failed: {e}"),
@@ -463,8 +477,9 @@ fn wait_for_exit(
     }
 }
 
-/// Sets the stop flag and kicks every vCPU thread until it has ended.
-fn stop_vcpus(state: &VcpuRunState, mut threads: Vec<JoinHandle<()>>) {
+/// Sets the stop flag and kicks every vCPU thread until it has ended;
+/// returns how many did not within [`VCPU_STOP_TIMEOUT`].
+fn stop_vcpus(state: &VcpuRunState, mut threads: Vec<JoinHandle<()>>) -> usize {
     state.request_stop();
     let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
     loop {
@@ -483,14 +498,14 @@ fn stop_vcpus(state: &VcpuRunState, mut threads: Vec<JoinHandle<()>>) {
         }
         threads = running;
         if threads.is_empty() {
-            return;
+            return 0;
         }
         if Instant::now() >= deadline {
             error!(
                 "{} vCPU thread(s) did not stop within {VCPU_STOP_TIMEOUT:?}; leaving them",
                 threads.len()
             );
-            return;
+            return threads.len();
         }
         std::thread::sleep(VCPU_KICK_INTERVAL);
     }

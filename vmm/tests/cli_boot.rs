@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{pvh_image, require_kvm, TempFile};
 
@@ -79,22 +80,94 @@ fn the_topology_is_on_stderr_by_default() {
 }
 
 #[test]
-fn resets_and_crashes_exit_non_zero() {
-    for (cmdline, needle) in [
-        ("r", "the guest reset the VM"),
-        ("k", "the guest reset the VM"),
-        ("t", "triple-faulted"),
-    ] {
-        let (out, serial) = boot(cmdline, &[]);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{cmdline}: {err}");
-        assert!(serial.starts_with("PVH OK"), "{serial}");
-        let last = err.lines().last().unwrap_or_default();
+fn a_triple_fault_exits_non_zero() {
+    let (out, serial) = boot("t", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(serial, "PVH OK t\n");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("trellis: error: ") && last.contains("vCPU 0 triple-faulted"),
+        "{err}"
+    );
+}
+
+/// The test kernel resets on every boot, so trellis reboots it until it is
+/// killed: each reboot is a new VM (devices, tap and all) that boots the
+/// kernel afresh, writing to the same serial file.
+#[test]
+fn resets_reboot_the_guest() {
+    require_kvm();
+    let kernel = TempFile::new(&pvh_image());
+    let disk = TempFile::new(&[0u8; 4096]);
+    for cmdline in ["r", "k"] {
+        let serial = TempFile::new(b"earlier output\n");
+        let log = TempFile::new(b"");
+        let mut args = vec![
+            "--kernel".to_string(),
+            kernel.0.display().to_string(),
+            "--cmdline".to_string(),
+            cmdline.to_string(),
+            "--memory".to_string(),
+            "size=64M".to_string(),
+            "--serial".to_string(),
+            format!("file={}", serial.0.display()),
+            "--disk".to_string(),
+            format!("path={}", disk.0.display()),
+            "--rng".to_string(),
+        ];
+        // A tap trellis creates must be let go of before the next boot
+        // creates it again.
+        let tap = format!("trlrb{}{cmdline}", std::process::id() % 100_000);
+        if std::path::Path::new("/dev/net/tun").exists() && is_root() {
+            args.extend(["--net".to_string(), format!("tap={tap}")]);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log.0).unwrap())
+            .spawn()
+            .expect("run trellis");
+        let boots = |text: &str| text.matches(&format!("PVH OK {cmdline}\n")).count();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut text = String::new();
+        while boots(&text) < 3 && Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                let err = std::fs::read_to_string(&log.0).unwrap_or_default();
+                panic!("{cmdline}: trellis ended ({status}) instead of rebooting: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            text = std::fs::read_to_string(&serial.0).unwrap_or_default();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = std::fs::read_to_string(&log.0).unwrap();
         assert!(
-            last.starts_with("trellis: error: ") && last.contains(needle),
-            "{cmdline}: {err}"
+            boots(&text) >= 3,
+            "{cmdline}: serial {text:?}, stderr {err}"
+        );
+        assert!(text.starts_with("earlier output\nPVH OK"), "{text:?}");
+        for boot in [2, 3] {
+            let line = format!("the guest reset the VM: rebuilding it for boot {boot}");
+            assert!(err.contains(&line), "{cmdline}: no {line:?} in {err}");
+        }
+        assert_eq!(
+            err.matches("host bridge").count(),
+            1,
+            "topology once: {err}"
+        );
+        assert!(!err.contains("trellis: error"), "{err}");
+        assert!(
+            !std::path::Path::new("/sys/class/net").join(&tap).exists(),
+            "tap {tap} outlived trellis"
         );
     }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Fails with exactly one stderr line containing `needle`.

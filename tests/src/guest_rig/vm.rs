@@ -29,6 +29,8 @@ pub struct GuestRun {
     rng: bool,
     console: bool,
     net: bool,
+    /// More trellis options, appended as given.
+    extra: Vec<String>,
     timeout: Duration,
 }
 
@@ -45,6 +47,7 @@ impl GuestRun {
             rng: false,
             console: false,
             net: false,
+            extra: Vec::new(),
             timeout: std::env::var("TRELLIS_RIG_TIMEOUT")
                 .ok()
                 .and_then(|s| s.parse().ok())
@@ -84,6 +87,12 @@ impl GuestRun {
     /// virtio-net on a fresh tap, watched (see [`Tap`]).
     pub fn net(mut self) -> Self {
         self.net = true;
+        self
+    }
+
+    /// Appends trellis options (e.g. a `--net` on a tap trellis creates).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
@@ -133,6 +142,7 @@ impl GuestRun {
         if let Some(tap) = &tap {
             args.extend(["--net".into(), format!("tap={}", tap.name())]);
         }
+        args.extend(self.extra.iter().cloned());
 
         let mut cmd = Command::new(&trellis);
         cmd.args(&args);
@@ -231,9 +241,19 @@ impl Outcome {
         self.serial.lines().filter(move |l| l.starts_with(prefix))
     }
 
-    /// Every `TEST` line, in order.
+    /// The serial log from the guest's last boot on: all of it, unless the
+    /// guest reset and trellis rebooted it (`mode=reboot`).
+    pub fn last_boot(&self) -> &str {
+        let start = self.serial.rfind("TRELLIS-GUEST boot\n").unwrap_or(0);
+        &self.serial[start..]
+    }
+
+    /// Every `TEST` line of the last boot, in order (the `RESULT` line
+    /// counts those).
     pub fn tests(&self) -> Vec<TestLine> {
-        self.lines("TEST ")
+        self.last_boot()
+            .lines()
+            .filter(|l| l.starts_with("TEST "))
             .map(|l| {
                 let mut parts = l.splitn(4, ' ').skip(1);
                 let name = parts.next().unwrap_or_default().to_string();

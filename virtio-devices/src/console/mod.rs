@@ -171,12 +171,19 @@ impl Console {
             path: path.to_path_buf(),
             source,
         })?;
+        Ok(Self::with_file(file, input))
+    }
+
+    /// A console whose output goes to `file`, already open (the VMM opens
+    /// it once and hands a duplicate to each VM it builds, so output
+    /// continues where it was); offers its size when it is a terminal.
+    pub fn with_file(file: File, input: Option<ConsoleInput>) -> Self {
         let size = tty_size(file.as_raw_fd());
         let console = Self::new(Box::new(file), input);
-        Ok(match size {
+        match size {
             Some((cols, rows)) => console.with_size(cols, rows),
             None => console,
-        })
+        }
     }
 
     /// Offers VIRTIO_CONSOLE_F_SIZE with this terminal size.

@@ -15,34 +15,24 @@ use log::{debug, warn};
 use vm_allocator::layout::COM1_IRQ;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::DeviceManagerError;
-use crate::config::OutputMode;
+use super::{DeviceManagerError, Output};
 use crate::interrupt::IrqBackend;
 
 /// The serial port as the device manager holds it.
 pub type SerialDevice = Serial<Box<dyn Write + Send>>;
 
-/// Opens where a console's output goes: stdout or a file (appended to).
-pub(crate) fn open_output(mode: &OutputMode) -> io::Result<Option<Box<dyn Write + Send>>> {
-    Ok(match mode {
-        OutputMode::Off => None,
-        OutputMode::Tty => Some(Box::new(io::stdout())),
-        OutputMode::File(path) => Some(Box::new(
-            File::options().create(true).append(true).open(path)?,
-        )),
-    })
-}
-
 /// Puts a 16550A on COM1 (ports 0x3f8-0x3ff, IRQ 4 through an irqfd).
 pub(crate) fn add_serial(
     io_bus: &Bus,
     irq: &dyn IrqBackend,
-    mode: &OutputMode,
+    output: &Output,
 ) -> Result<Option<Arc<Mutex<SerialDevice>>>, DeviceManagerError> {
-    let out = open_output(mode).map_err(|source| DeviceManagerError::Output {
-        what: "serial port",
-        source,
-    })?;
+    let out = output
+        .writer()
+        .map_err(|source| DeviceManagerError::Output {
+            what: "serial port",
+            source,
+        })?;
     let Some(out) = out else {
         return Ok(None);
     };

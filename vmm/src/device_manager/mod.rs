@@ -21,6 +21,7 @@
 
 mod event_loop;
 mod legacy;
+mod outputs;
 mod relocation;
 mod topology;
 mod vfio;
@@ -48,6 +49,7 @@ use crate::interrupt::{GsiRoutingTable, IrqBackend, IrqError, KvmIntx, KvmMsiInt
 
 pub use event_loop::{EventLoop, EventLoopHandle, Subscriber};
 pub use legacy::{SerialDevice, SerialInput};
+pub use outputs::{Output, Outputs};
 pub use relocation::{BarMapError, IoEventBackend, PciBarRelocator};
 pub use topology::PciFunctionInfo;
 pub use vfio::VfioSetupError;
@@ -361,10 +363,10 @@ impl DeviceManager {
     /// guest asks for a reset.
     pub fn add_legacy_devices(
         &mut self,
-        serial: &OutputMode,
+        serial: &Output,
         reset_evt: EventFd,
     ) -> Result<(), DeviceManagerError> {
-        if *serial != OutputMode::Off {
+        if *serial.mode() != OutputMode::Off {
             self.lock_allocator()
                 .reserve_legacy_irq(layout::COM1_IRQ)
                 .map_err(|source| DeviceManagerError::Allocation {
@@ -373,7 +375,7 @@ impl DeviceManager {
                 })?;
         }
         self.serial = legacy::add_serial(&self.io_bus, &*self.irq, serial)?;
-        if let (Some(port), OutputMode::Tty) = (&self.serial, serial) {
+        if let (Some(port), OutputMode::Tty) = (&self.serial, serial.mode()) {
             let input = SerialInput::new(port.clone()).map_err(DeviceManagerError::EventFd)?;
             self.subscribers.push(Arc::new(input));
         }
@@ -568,5 +570,12 @@ impl DeviceManager {
 impl Drop for DeviceManager {
     fn drop(&mut self) {
         self.shutdown();
+        // The buses hold the PCI root (through the configuration ports and
+        // ECAM), which holds the relocator, which holds the buses: without
+        // this the devices, and all they hold (taps, VFIO groups, guest RAM,
+        // the VM fd), would outlive the manager, and a VM rebuilt after a
+        // guest reset could not have them again.
+        self.io_bus.clear();
+        self.mmio_bus.clear();
     }
 }

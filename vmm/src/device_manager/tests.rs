@@ -407,7 +407,8 @@ fn legacy_devices() {
     let path = std::env::temp_dir().join(format!("trellis-serial-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let reset = EventFd::new(EFD_NONBLOCK).unwrap();
-    r.dm.add_legacy_devices(&OutputMode::File(path.clone()), reset.try_clone().unwrap())
+    let serial = Output::appending(OutputMode::File(path.clone()));
+    r.dm.add_legacy_devices(&serial, reset.try_clone().unwrap())
         .unwrap();
     let io = r.dm.io_bus();
     io.write(0x3f8, b"A").unwrap();
@@ -424,7 +425,8 @@ fn legacy_devices() {
     std::fs::remove_file(&path).unwrap();
 
     let mut r = rig();
-    r.dm.add_legacy_devices(&OutputMode::Off, reset).unwrap();
+    r.dm.add_legacy_devices(&Output::appending(OutputMode::Off), reset)
+        .unwrap();
     assert!(r.dm.serial().is_none());
     assert_eq!(
         read_byte(r.dm.io_bus(), 0x3f8),
@@ -474,7 +476,9 @@ fn devices_from_the_configuration() {
     let console = format!("file={}", path.display());
     let disk = format!("path={},readonly=on", image.display());
     let config = parse(&["--disk", &disk, "--rng", "--console", &console]);
-    r.dm.create_devices(&config, guest_memory()).unwrap();
+    let outputs = Outputs::new(&config.serial, &config.console);
+    r.dm.create_devices(&config, &outputs.console, guest_memory())
+        .unwrap();
     let found: Vec<(String, u16, u8)> =
         r.dm.topology()
             .iter()
@@ -503,8 +507,9 @@ fn devices_from_the_configuration() {
         "--device",
         "path=/sys/bus/pci/devices/0000:ff:1f.7",
     ]);
+    let outputs = Outputs::new(&config.serial, &config.console);
     assert!(matches!(
-        r.dm.create_devices(&config, guest_memory()),
+        r.dm.create_devices(&config, &outputs.console, guest_memory()),
         Err(DeviceManagerError::Vfio {
             source: super::VfioSetupError::NoSuchDevice(_),
             ..
@@ -706,4 +711,30 @@ fn the_topology_is_logged_under_its_target() {
             .any(|l| l.starts_with("0000:00:01.0 logged0 [1234:5678], BAR0 ")),
         "{lines:?}"
     );
+}
+
+#[test]
+fn dropping_the_manager_releases_every_device() {
+    // A guest reset rebuilds the VM: whatever the old devices hold (taps,
+    // VFIO groups, guest RAM, the VM fd) must go with their manager.
+    let Rig { mut dm, irq, io } = rig();
+    let device = Arc::new(Mutex::new(FakeVirtio { sizes: vec![8, 8] }));
+    let virtio = Arc::downgrade(&device);
+    dm.add_virtio_device("v0", device, guest_memory()).unwrap();
+    add_fake(&mut dm, "f0").unwrap();
+    let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+    dm.add_legacy_devices(&Output::appending(OutputMode::Off), reset)
+        .unwrap();
+    dm.start_event_loop().unwrap();
+    let buses = [Arc::downgrade(dm.io_bus()), Arc::downgrade(dm.mmio_bus())];
+    let root = Arc::downgrade(dm.pci_root());
+    drop(dm);
+    assert!(virtio.upgrade().is_none(), "the virtio device outlived it");
+    assert!(
+        buses.iter().all(|b| b.upgrade().is_none()),
+        "a bus outlived it"
+    );
+    assert!(root.upgrade().is_none(), "the PCI root outlived it");
+    assert_eq!(Arc::strong_count(&irq), 1, "interrupt backend still held");
+    assert_eq!(Arc::strong_count(&io), 1, "ioeventfd backend still held");
 }

@@ -12,7 +12,7 @@ use virtio_devices::transport::{
 };
 use virtio_devices::{GuestMemoryMmapAtomic, VirtioDevice};
 
-use super::{BarSetup, DeviceManager, DeviceManagerError, PciInterrupts};
+use super::{BarSetup, DeviceManager, DeviceManagerError, Output, PciInterrupts};
 use crate::config::{OutputMode, VmConfig};
 
 /// Wraps a device constructor's error.
@@ -32,12 +32,14 @@ const _: () = assert!(VIRTIO_PCI_BAR_ALIGNMENT == VIRTIO_PCI_BAR_SIZE);
 
 impl DeviceManager {
     /// Creates the devices `config` asks for and adds them to the PCI bus,
-    /// in command line order by kind: disks, NICs, rng, console. Checks
-    /// the host functions of `--device` before creating anything (they
-    /// are added by [`DeviceManager::add_vfio_devices`]).
+    /// in command line order by kind: disks, NICs, rng, console (writing
+    /// to `console`, made from `config.console`). Checks the host
+    /// functions of `--device` before creating anything (they are added by
+    /// [`DeviceManager::add_vfio_devices`]).
     pub fn create_devices(
         &mut self,
         config: &VmConfig,
+        console: &Output,
         memory: GuestMemoryMmapAtomic,
     ) -> Result<(), DeviceManagerError> {
         self.check_vfio(config)?;
@@ -63,15 +65,19 @@ impl DeviceManager {
             let device = Rng::new(rng.src.clone()).map_err(|e| device_error("rng", e))?;
             self.add_virtio_device("rng", Arc::new(Mutex::new(device)), memory.clone())?;
         }
-        let console = match &config.console {
+        let console = match console.mode() {
             OutputMode::Off => None,
             OutputMode::Tty => {
                 let input = ConsoleInput::stdin().map_err(|e| device_error("console", e))?;
                 Some(Console::with_stdout(Some(input)))
             }
-            OutputMode::File(path) => Some(
-                Console::with_file_output(path, None).map_err(|e| device_error("console", e))?,
-            ),
+            OutputMode::File(_) => console
+                .file()
+                .map_err(|source| DeviceManagerError::Output {
+                    what: "console",
+                    source,
+                })?
+                .map(|file| Console::with_file(file, None)),
         };
         if let Some(console) = console {
             self.add_virtio_device("console", Arc::new(Mutex::new(console)), memory)?;
