@@ -167,3 +167,41 @@ fn vfio_setup_mistakes_are_named() {
         );
     }
 }
+
+#[test]
+fn an_image_given_twice_read_write_is_refused_before_boot() {
+    let disk = TempFile::new(&[0u8; 4096]);
+    let path = disk.0.to_str().unwrap();
+    let rw = format!("path={path}");
+    let (out, serial) = boot("p", &["--disk", &rw, "--disk", &rw]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "trellis: error: cannot create disk1: disk image {path} is locked for writing \
+             by this process (the same image given twice?)\n"
+        )
+    );
+    assert_eq!(serial, "", "the guest must not have started");
+
+    // A writer and a reader conflict too.
+    let ro = format!("path={path},readonly=on");
+    let (out, serial) = boot("p", &["--disk", &rw, "--disk", &ro]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("disk image") && err.contains("is locked for writing"));
+    assert_eq!(serial, "");
+}
+
+#[test]
+fn readers_share_an_image_and_lock_off_skips_the_lock() {
+    let disk = TempFile::new(&[0u8; 4096]);
+    let path = disk.0.to_str().unwrap();
+    for opt in ["readonly=on", "lock=off"] {
+        let d = format!("path={path},{opt}");
+        let (out, serial) = boot("p", &["--disk", &d, "--disk", &d]);
+        assert_eq!(out.status.code(), Some(0), "{opt}: {}", stderr(&out));
+        assert_eq!(serial, "PVH OK p\n", "{opt}");
+    }
+}
