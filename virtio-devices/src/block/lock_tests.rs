@@ -75,6 +75,22 @@ fn readers_share_an_image() {
 }
 
 #[test]
+fn another_name_for_the_image_is_the_same_image() {
+    let file = image(4 * 512);
+    let dir = file.as_path().parent().unwrap();
+    let name = file.as_path().file_name().unwrap().to_str().unwrap();
+    let hard = dir.join(format!("{name}.hardlink"));
+    let soft = dir.join(format!("{name}.symlink"));
+    std::fs::hard_link(file.as_path(), &hard).unwrap();
+    std::os::unix::fs::symlink(file.as_path(), &soft).unwrap();
+    let _writer = open(file.as_path(), false).unwrap();
+    let results = [&hard, &soft].map(|alias| conflict(alias, true));
+    let _ = std::fs::remove_file(&hard);
+    let _ = std::fs::remove_file(&soft);
+    assert_eq!(results, [in_this_process(true), in_this_process(true)]);
+}
+
+#[test]
 fn the_lock_goes_with_the_device_and_its_worker() {
     let file = image(16 * 512);
     let mut block = open(file.as_path(), false).unwrap();
