@@ -96,19 +96,27 @@ pub(crate) fn lock_image(file: &File, read_only: bool) -> Result<(), LockError> 
     let mut request = whole_file(kind);
     match fcntl_lock(file, libc::F_OFD_SETLK, &mut request) {
         Ok(()) => Ok(()),
-        Err(e) => match e.raw_os_error() {
-            // EACCES is allowed by POSIX for a conflict; Linux says EAGAIN.
-            Some(libc::EAGAIN) | Some(libc::EACCES) => {
-                Err(LockError::Conflict(find_conflict(file, kind)))
-            }
-            // No lock manager (NFS), no lock support, or no OFD locks in
-            // this kernel (before 3.15).
-            Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
-                Err(LockError::Unsupported(e))
-            }
-            _ => Err(LockError::Failed(e)),
-        },
+        Err(e) if is_conflict(&e) => Err(LockError::Conflict(find_conflict(file, kind))),
+        Err(e) if lacks_lock_support(&e) => Err(LockError::Unsupported(e)),
+        Err(e) => Err(LockError::Failed(e)),
     }
+}
+
+/// Whether a lock request failed because someone holds a conflicting
+/// lock. POSIX allows EACCES for that; Linux says EAGAIN.
+pub(super) fn is_conflict(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+/// Whether a lock request failed because the file cannot be locked this
+/// way at all: no lock manager (NFS mounted `nolock`, ENOLCK), no lock
+/// support in the filesystem (EOPNOTSUPP), or no OFD locks in the kernel
+/// (before 3.15: EINVAL, an unknown command).
+pub(super) fn lacks_lock_support(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+    )
 }
 
 /// A lock request of type `kind` for the whole file: from offset 0 to the

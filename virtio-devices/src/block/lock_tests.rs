@@ -296,3 +296,23 @@ fn fdinfo_lock_lines() {
         assert_eq!(lock_line(line, &id), held, "{line}");
     }
 }
+
+#[test]
+fn lock_errors_are_classified() {
+    use super::lock::{is_conflict, lacks_lock_support};
+    use std::io::Error;
+    for errno in [libc::EAGAIN, libc::EACCES] {
+        let e = Error::from_raw_os_error(errno);
+        assert!(is_conflict(&e) && !lacks_lock_support(&e), "{e}");
+    }
+    // Used unlocked, with a warning.
+    for errno in [libc::ENOLCK, libc::EOPNOTSUPP, libc::EINVAL] {
+        let e = Error::from_raw_os_error(errno);
+        assert!(lacks_lock_support(&e) && !is_conflict(&e), "{e}");
+    }
+    // Anything else fails the open.
+    for errno in [libc::EBADF, libc::EIO, libc::ENOMEM] {
+        let e = Error::from_raw_os_error(errno);
+        assert!(!lacks_lock_support(&e) && !is_conflict(&e), "{e}");
+    }
+}
