@@ -74,8 +74,8 @@ pub enum Key {
     Text(Vec<u8>),
 }
 
-const KEYS: [&str; 12] = [
-    "path", "readonly", "id", "tap", "mac", "src", "file", "size", "boot", "off", "tty", "",
+const KEYS: [&str; 13] = [
+    "path", "readonly", "id", "tap", "mac", "src", "file", "size", "boot", "off", "tty", "", "lock",
 ];
 
 /// A value.
@@ -329,8 +329,9 @@ pub fn render(c: &VmConfig) -> Vec<String> {
     }
     for d in &c.disks {
         let ro = if d.readonly { "on" } else { "off" };
+        let lock = if d.lock { "on" } else { "off" };
         a.push(format!(
-            "--disk=path={},readonly={ro},id={}",
+            "--disk=path={},readonly={ro},lock={lock},id={}",
             d.path.display(),
             d.id
         ));

@@ -63,6 +63,7 @@ fn help_lists_every_option() {
     ] {
         assert!(text.contains(option), "{option} missing from --help");
     }
+    assert!(text.contains("[,lock=on|off]"), "the disk lock switch");
     assert!(out.stderr.is_empty());
 }
 

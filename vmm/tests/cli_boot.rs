@@ -240,3 +240,107 @@ fn vfio_setup_mistakes_are_named() {
         );
     }
 }
+
+#[test]
+fn an_image_given_twice_read_write_is_refused_before_boot() {
+    let disk = TempFile::new(&[0u8; 4096]);
+    let path = disk.0.to_str().unwrap();
+    let rw = format!("path={path}");
+    let (out, serial) = boot("p", &["--disk", &rw, "--disk", &rw]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "trellis: error: cannot create disk1: disk image {path} is locked for writing \
+             by this process (the same image given twice?)\n"
+        )
+    );
+    assert_eq!(serial, "", "the guest must not have started");
+
+    // A writer and a reader conflict too.
+    let ro = format!("path={path},readonly=on");
+    let (out, serial) = boot("p", &["--disk", &rw, "--disk", &ro]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("disk image") && err.contains("is locked for writing"));
+    assert_eq!(serial, "");
+}
+
+#[test]
+fn readers_share_an_image_and_lock_off_skips_the_lock() {
+    let disk = TempFile::new(&[0u8; 4096]);
+    let path = disk.0.to_str().unwrap();
+    for opt in ["readonly=on", "lock=off"] {
+        let d = format!("path={path},{opt}");
+        let (out, serial) = boot("p", &["--disk", &d, "--disk", &d]);
+        assert_eq!(out.status.code(), Some(0), "{opt}: {}", stderr(&out));
+        assert_eq!(serial, "PVH OK p\n", "{opt}");
+    }
+}
+
+/// Kills the trellis it holds when dropped, even if the test fails.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_image_another_vm_writes_is_refused_with_its_pid() {
+    require_kvm();
+    let kernel = TempFile::new(&pvh_image());
+    let kernel = kernel.0.to_str().unwrap();
+    let disk = TempFile::new(&[0u8; 4096]);
+    let disk_opt = format!("path={}", disk.0.display());
+    let serial = TempFile::new(b"");
+    let serial_opt = format!("file={}", serial.0.display());
+    // The first VM halts forever once booted, holding the image.
+    let mut first = Running(
+        Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["--kernel", kernel, "--cmdline", "h", "--memory", "size=64M"])
+            .args(["--serial", &serial_opt, "--disk", &disk_opt])
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run trellis"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read(&serial.0).unwrap() != b"PVH OK h\n" {
+        assert!(
+            first.0.try_wait().unwrap().is_none(),
+            "the first VM ended early"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first VM did not boot"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    for opt in [disk_opt.clone(), format!("{disk_opt},readonly=on")] {
+        let (out, serial) = boot("p", &["--disk", &opt]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{opt}: {err}");
+        assert_eq!(
+            err,
+            format!(
+                "trellis: error: cannot create disk0: disk image {} is locked for writing \
+                 by trellis, pid {} (another VM using it?)\n",
+                disk.0.display(),
+                first.0.id()
+            )
+        );
+        assert_eq!(serial, "", "{opt}: the guest must not have started");
+    }
+
+    // Once the first VM is gone, so is its lock.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (out, serial) = boot("p", &["--disk", &disk_opt]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(serial, "PVH OK p\n");
+}

@@ -329,6 +329,7 @@ pub fn run(input: &Input) -> super::Stats {
         serial: Some(SERIAL.to_string()),
         queues: 1,
         queue_size: MAX_QUEUE_SIZE,
+        lock: true,
     })
     .expect("the image opens");
     image.opened();

@@ -7,6 +7,7 @@ use crate::cli_args::{run, run_line, Arg, Item, Name, Val};
 fn k(key: &str) -> Key {
     let keys = [
         "path", "readonly", "id", "tap", "mac", "src", "file", "size", "boot", "off", "tty", "",
+        "lock",
     ];
     Key::Known(keys.iter().position(|x| *x == key).expect("known key") as u8)
 }

@@ -147,6 +147,7 @@ fn build(kind: DeviceKind) -> (Arc<Mutex<dyn VirtioDevice>>, Option<Image>) {
                 serial: None,
                 queues: u16::from(queues % 3) + 1,
                 queue_size: 64,
+                lock: true,
             })
             .expect("the image opens");
             image.opened();

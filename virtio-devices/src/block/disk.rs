@@ -10,6 +10,7 @@ use std::path::Path;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
+use super::lock::{lock_image, warn_unlocked, LockError};
 use super::{BlockConfig, BlockError, SECTOR_SIZE};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
@@ -22,6 +23,10 @@ const ZERO_CHUNK: usize = 64 << 10;
 /// An opened raw image.
 #[derive(Debug)]
 pub(crate) struct Disk {
+    /// The only descriptor of its open file description, which holds the
+    /// image lock (see `super::lock`): never duplicated, so the lock goes
+    /// when the last `Arc<Disk>` (device, worker, request processors)
+    /// drops.
     file: File,
     /// Size in 512-byte sectors; bytes past `capacity * 512` are never
     /// touched.
@@ -52,6 +57,28 @@ impl Disk {
                 "{} is neither a regular file nor a block device",
                 path.display()
             )));
+        }
+        // Lock before trusting anything about the image (its size): another
+        // writer could be changing it.
+        if config.lock {
+            match lock_image(&file, config.read_only) {
+                Ok(()) => {}
+                Err(LockError::Conflict(conflict)) => {
+                    return Err(BlockError::Locked {
+                        path: path.clone(),
+                        conflict,
+                    })
+                }
+                Err(LockError::Unsupported(e)) => warn_unlocked(path, &e),
+                Err(LockError::Failed(source)) => {
+                    return Err(BlockError::Lock {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            }
+        } else {
+            log::info!("disk image {}: not locked (locking is off)", path.display());
         }
         // Seeking to the end gives the size of block devices too, whose
         // metadata length is zero.

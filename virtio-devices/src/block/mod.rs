@@ -6,6 +6,9 @@
 //! 512-byte sectors, rounded down: a trailing partial sector is invisible
 //! to the guest and never written.
 //!
+//! The image is locked against other users while the device exists
+//! (`lock.rs`): exclusively when read-write, shared when read-only.
+//!
 //! All queues of a device are served by one worker thread
 //! ([`DeviceWorker`]); the request path itself is
 //! [`BlockRequestProcessor`].
@@ -14,6 +17,9 @@ mod config;
 #[cfg(test)]
 mod device_tests;
 mod disk;
+mod lock;
+#[cfg(test)]
+mod lock_tests;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -41,6 +47,7 @@ use config::{BlockConfigSpace, Topology};
 use disk::Disk;
 
 pub use crate::queue::{QueueError, QueueOutcome};
+pub use lock::{LockConflict, LockHolder};
 pub use request::BlockRequestProcessor;
 
 /// The virtio-blk logical block size; request sectors are always in these
@@ -67,6 +74,11 @@ pub struct BlockConfig {
     pub queues: u16,
     /// Size of each queue: a power of two, at most 32768.
     pub queue_size: u16,
+    /// Lock the image while the device exists (shared when read-only,
+    /// exclusive otherwise), failing with [`BlockError::Locked`] if
+    /// another user holds a conflicting lock. Off only for users who
+    /// know nobody else writes the image.
+    pub lock: bool,
 }
 
 impl BlockConfig {
@@ -78,6 +90,7 @@ impl BlockConfig {
             serial: None,
             queues: DEFAULT_QUEUES,
             queue_size: DEFAULT_QUEUE_SIZE,
+            lock: true,
         }
     }
 }
@@ -96,6 +109,22 @@ pub enum BlockError {
     /// The image size could not be determined.
     #[error("cannot determine the size of disk image {}: {source}", path.display())]
     Size {
+        /// The image.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Another open of the image holds a conflicting lock.
+    #[error("disk image {} is {conflict}", path.display())]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// The lock in the way.
+        conflict: LockConflict,
+    },
+    /// The image could not be locked for another reason.
+    #[error("cannot lock disk image {}: {source}", path.display())]
+    Lock {
         /// The image.
         path: PathBuf,
         /// The underlying error.

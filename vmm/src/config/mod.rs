@@ -140,6 +140,10 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Whether the guest may only read.
     pub readonly: bool,
+    /// Whether the image is locked while the VM runs (shared when
+    /// read-only, exclusive otherwise), so that no other VM writes it
+    /// meanwhile; on unless `lock=off`.
+    pub lock: bool,
     /// Device ID (also the virtio-blk serial); `diskN` unless given.
     pub id: String,
 }
@@ -228,8 +232,8 @@ pub struct Cli {
     /// Number of vCPUs, 1 to 64 [default: boot=1].
     #[arg(long, value_name = "boot=N")]
     pub cpus: Option<String>,
-    /// A virtio-blk disk (repeatable).
-    #[arg(long, value_name = "path=IMG[,readonly=on|off][,id=ID]", action = ArgAction::Append)]
+    /// A virtio-blk disk (repeatable). The image is locked while the VM runs: shared if readonly=on, else exclusive; lock=off skips that.
+    #[arg(long, value_name = "path=IMG[,readonly=on|off][,lock=on|off][,id=ID]", action = ArgAction::Append)]
     pub disk: Vec<String>,
     /// A virtio-net NIC on a host tap interface, created if missing (repeatable).
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,id=ID]", action = ArgAction::Append)]
@@ -519,10 +523,11 @@ fn parse_id(opts: &OptionList<'_>, prefix: &str, index: usize) -> Result<String,
 }
 
 fn parse_disk(index: usize, s: &str) -> Result<DiskConfig, ConfigError> {
-    let opts = OptionList::parse("--disk", s, &["path", "readonly", "id"])?;
+    let opts = OptionList::parse("--disk", s, &["path", "readonly", "lock", "id"])?;
     Ok(DiskConfig {
         path: PathBuf::from(opts.required("path")?),
         readonly: opts.get_with("readonly", parse_switch)?.unwrap_or(false),
+        lock: opts.get_with("lock", parse_switch)?.unwrap_or(true),
         id: parse_id(&opts, "disk", index)?,
     })
 }

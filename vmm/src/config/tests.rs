@@ -51,6 +51,8 @@ fn a_full_command_line() {
         "path=/a.img",
         "--disk",
         "path=/b.img,readonly=on,id=data",
+        "--disk",
+        "path=/c.img,lock=off",
         "--net",
         "tap=tap0,mac=52:54:00:12:34:56",
         "--net",
@@ -75,12 +77,20 @@ fn a_full_command_line() {
             DiskConfig {
                 path: "/a.img".into(),
                 readonly: false,
+                lock: true,
                 id: "disk0".into()
             },
             DiskConfig {
                 path: "/b.img".into(),
                 readonly: true,
+                lock: true,
                 id: "data".into()
+            },
+            DiskConfig {
+                path: "/c.img".into(),
+                readonly: false,
+                lock: false,
+                id: "disk2".into()
             },
         ]
     );
@@ -153,7 +163,7 @@ fn sizes() {
 fn key_value_errors() {
     assert_eq!(
         err(&["--disk", "path=/a,foo=1"]),
-        "--disk: unknown key 'foo' (expected one of: path, readonly, id)"
+        "--disk: unknown key 'foo' (expected one of: path, readonly, lock, id)"
     );
     assert_eq!(
         err(&["--disk", "path=/a,path=/b"]),
@@ -179,6 +189,18 @@ fn key_value_errors() {
     assert_eq!(
         err(&["--disk", "path=/a,readonly=yes"]),
         "--disk: invalid readonly=yes: expected on or off"
+    );
+    assert_eq!(
+        err(&["--disk", "path=/a,lock=maybe"]),
+        "--disk: invalid lock=maybe: expected on or off"
+    );
+    assert_eq!(
+        err(&["--disk", "path=/a,lock=off,lock=on"]),
+        "--disk: 'lock' given more than once"
+    );
+    assert_eq!(
+        err(&["--disk", "path=/a,lock"]),
+        "--disk: 'lock' needs a value (lock=...)"
     );
     assert!(err(&["--disk", "path=/a,id=has space"]).starts_with("--disk: invalid id="));
     assert!(err(&["--disk", "path=/a,id=abcdefghijklmnopqrstu"]).contains("at most 20"));
@@ -413,6 +435,7 @@ fn random_option_values_never_panic() {
         ",",
         "id",
         "readonly",
+        "lock",
         "on",
         "size",
         "1",

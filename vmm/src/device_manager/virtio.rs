@@ -46,6 +46,7 @@ impl DeviceManager {
         for disk in &config.disks {
             let device = Block::new(BlockConfig {
                 read_only: disk.readonly,
+                lock: disk.lock,
                 serial: Some(disk.id.clone()),
                 ..BlockConfig::new(&disk.path)
             })
