@@ -86,6 +86,54 @@ pub trait MsiInterruptGroup: Send + Sync {
     }
 }
 
+/// What a group was last told about each of its vectors (message, masked),
+/// `None` where telling it failed, so that only changes reach it and a
+/// failed change is retried on the next sync.
+#[derive(Clone, Debug)]
+pub(crate) struct ToldRoutes(Vec<Option<(MsiMessage, bool)>>);
+
+impl ToldRoutes {
+    /// `vectors` vectors in the state a group starts in: masked, with a
+    /// zero message.
+    pub(crate) fn new(vectors: usize) -> Self {
+        ToldRoutes(vec![Some((MsiMessage::default(), true)); vectors])
+    }
+
+    /// Tells `group`, in one batch, about every vector of `wanted` whose
+    /// state differs from what it was last told; `what` names the vectors
+    /// in the error log line.
+    pub(crate) fn sync(
+        &mut self,
+        group: &dyn MsiInterruptGroup,
+        wanted: impl IntoIterator<Item = VectorUpdate>,
+        what: &dyn std::fmt::Display,
+    ) {
+        let updates: Vec<VectorUpdate> = wanted
+            .into_iter()
+            .filter(|u| {
+                self.0
+                    .get(usize::from(u.index))
+                    .is_some_and(|told| *told != Some((u.msg, u.masked)))
+            })
+            .collect();
+        if updates.is_empty() {
+            return;
+        }
+        let ok = match group.update_batch(&updates) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("failed to update {what}: {e}");
+                false
+            }
+        };
+        for u in &updates {
+            if let Some(told) = self.0.get_mut(usize::from(u.index)) {
+                *told = ok.then_some((u.msg, u.masked));
+            }
+        }
+    }
+}
+
 /// A level-triggered INTx line (an IOAPIC pin), for functions whose driver
 /// does not enable MSI or MSI-X.
 pub trait IntxInterrupt: Send + Sync {

@@ -28,7 +28,7 @@ use log::{debug, error, warn};
 
 use crate::capability::{PciCapability, PciCapabilityId};
 use crate::device::PciError;
-use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage, VectorUpdate};
+use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage, ToldRoutes, VectorUpdate};
 
 /// Largest multiple message capable value: 2^5 = 32 vectors.
 pub const MAX_MSI_VECTORS_LOG2: u8 = 5;
@@ -235,9 +235,8 @@ pub struct MsiConfig {
     data: u16,
     mask: u32,
     pending: u32,
-    /// What the group was last told for each vector, `None` if that failed
-    /// (so the next change retries). Lets us skip redundant route updates.
-    routes: [Option<(MsiMessage, bool)>; MAX_MSI_VECTORS],
+    /// What the group was last told for each capable vector.
+    routes: ToldRoutes,
     group: Arc<dyn MsiInterruptGroup>,
 }
 
@@ -280,7 +279,7 @@ impl MsiConfig {
             data: 0,
             mask: 0,
             pending: 0,
-            routes: [Some((MsiMessage::default(), true)); MAX_MSI_VECTORS],
+            routes: ToldRoutes::new(MAX_MSI_VECTORS),
             group,
         })
     }
@@ -438,33 +437,18 @@ impl MsiConfig {
     /// first.
     fn sync_all(&mut self) {
         let vectors = 0..self.cap.capable_vectors();
-        let updates: Vec<VectorUpdate> = vectors
+        let wanted: Vec<VectorUpdate> = vectors
             .clone()
-            .filter_map(|vector| {
+            .map(|vector| {
                 let (msg, masked) = self.vector_state(vector);
-                let told = self.routes.get(usize::from(vector))?;
-                (*told != Some((msg, masked))).then_some(VectorUpdate {
+                VectorUpdate {
                     index: vector,
                     msg,
                     masked,
-                })
+                }
             })
             .collect();
-        if !updates.is_empty() {
-            let ok = match self.group.update_batch(&updates) {
-                Ok(()) => true,
-                Err(e) => {
-                    error!("failed to update MSI vectors: {e}");
-                    false
-                }
-            };
-            // After a failure nothing is known: the next sync tells again.
-            for u in &updates {
-                if let Some(route) = self.routes.get_mut(usize::from(u.index)) {
-                    *route = ok.then_some((u.msg, u.masked));
-                }
-            }
-        }
+        self.routes.sync(&*self.group, wanted, &"MSI vectors");
         for vector in vectors {
             let bit = 1u32 << vector;
             if !self.vector_state(vector).1 && self.pending & bit != 0 {

@@ -27,7 +27,7 @@ use log::{debug, error, warn};
 
 use crate::capability::{PciCapability, PciCapabilityId};
 use crate::device::PciError;
-use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage, VectorUpdate};
+use crate::interrupt::{InterruptError, MsiInterruptGroup, MsiMessage, ToldRoutes, VectorUpdate};
 
 /// Largest table an MSI-X capability can describe (11-bit table size field).
 pub const MAX_MSIX_VECTORS: usize = 2048;
@@ -228,9 +228,8 @@ pub struct MsixConfig {
     pba: Vec<u64>,
     enabled: bool,
     function_masked: bool,
-    /// What the group was last told for each vector, `None` if that failed
-    /// (so the next change retries). Lets us skip redundant route updates.
-    routes: Vec<Option<(MsiMessage, bool)>>,
+    /// What the group was last told for each vector.
+    routes: ToldRoutes,
     group: Arc<dyn MsiInterruptGroup>,
 }
 
@@ -260,7 +259,7 @@ impl MsixConfig {
             pba: vec![0; count.div_ceil(usize::from(VECTORS_PER_PBA_ENTRY))],
             enabled: false,
             function_masked: false,
-            routes: vec![Some((entry.message(), true)); count],
+            routes: ToldRoutes::new(count),
             group,
         })
     }
@@ -476,35 +475,19 @@ impl MsixConfig {
     /// Updating first means the routes exist by the time pending
     /// interrupts are sent.
     fn sync_vectors(&mut self, vectors: std::ops::Range<u16>) {
-        let updates: Vec<VectorUpdate> = vectors
+        let wanted: Vec<VectorUpdate> = vectors
             .clone()
             .filter_map(|vector| {
                 let entry = self.table.get(usize::from(vector))?;
-                let masked = entry.masked() || self.function_masked || !self.enabled;
-                let msg = entry.message();
-                let told = self.routes.get(usize::from(vector)).copied().flatten();
-                (told != Some((msg, masked))).then_some(VectorUpdate {
+                Some(VectorUpdate {
                     index: vector,
-                    msg,
-                    masked,
+                    msg: entry.message(),
+                    masked: entry.masked() || self.function_masked || !self.enabled,
                 })
             })
             .collect();
-        if !updates.is_empty() {
-            let ok = match self.group.update_batch(&updates) {
-                Ok(()) => true,
-                Err(e) => {
-                    error!("failed to update MSI-X vectors {vectors:?}: {e}");
-                    false
-                }
-            };
-            // After a failure nothing is known: the next sync tells again.
-            for u in &updates {
-                if let Some(route) = self.routes.get_mut(usize::from(u.index)) {
-                    *route = ok.then_some((u.msg, u.masked));
-                }
-            }
-        }
+        let what = format_args!("MSI-X vectors {vectors:?}");
+        self.routes.sync(&*self.group, wanted, &what);
         for vector in vectors {
             if !self.is_vector_masked(vector) {
                 self.fire_if_pending(vector);
