@@ -68,9 +68,30 @@ impl EmulatedMsi {
         })
     }
 
-    /// Byte `rel` of the capability (zero past its end).
+    /// Byte `rel` of the capability (zero past its end). As for the MSI-X
+    /// PBA (see [`EmulatedMsix::read_pba`]), an interrupt the device raised
+    /// while its vector was masked waits in the vector's eventfd, so the
+    /// pending bits also show masked vectors whose eventfd holds a count.
     pub(crate) fn read(&self, rel: usize) -> u8 {
-        self.bytes.get(rel).copied().unwrap_or(0)
+        let mut byte = self.bytes.get(rel).copied().unwrap_or(0);
+        let Some(first) = self.config.layout().pending_bits else {
+            return byte;
+        };
+        let Some(byte_index) = rel.checked_sub(first).filter(|&b| b < 4) else {
+            return byte;
+        };
+        let group = self.config.group();
+        for bit in 0..8u8 {
+            // At most 31: a valid vector number.
+            let vector = (byte_index * 8) as u16 + u16::from(bit);
+            if vector < self.config.num_enabled_vectors()
+                && self.config.is_vector_masked(vector)
+                && group.notifier(vector).is_some_and(has_count)
+            {
+                byte |= 1 << bit;
+            }
+        }
+        byte
     }
 
     /// Stores a guest byte through the writable mask; call
