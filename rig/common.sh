@@ -58,7 +58,7 @@ l2_cmdline() {
         blk=3
         vfio=" rig.vfio=1 rig.vfpattern=$VF_PATTERN rig.vfsha=$VF_BULK_SHA rig.vf_sectors=$VF_SECTORS"
     fi
-    echo "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 rig.pattern=$PATTERN" \
+    echo "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 rig.pattern=$PATTERN rig.cpus=${L2_CPUS:-1}" \
         "rig.expect=net:1,blk:$blk,console:1,rng:1 rig.rw_sectors=$RW_SECTORS" \
         "rig.ro_sectors=$RO_SECTORS rig.addr=169.254.100.2/16 rig.peer=169.254.100.1" \
         "rig.pingin=${1:-3}$vfio"

@@ -97,7 +97,8 @@ L2_REQUIRED = (
     + ["l2.rng.current", "l2.rng.read", "l2.console.hvc0"]
     + [f"l2.blk.rw.{c}" for c in ("found", "capacity", "writable", "pattern", "bulk")]
     + [f"l2.blk.ro.{c}" for c in ("found", "capacity", "flag", "refuses-write", "intact")]
-    + [f"l2.net.{c}" for c in ("iface", "link", "ping-out", "ping-in")]
+    + [f"l2.net.{c}" for c in ("iface", "link", "ping-out", "ping-in", "irq-affinity")]
+    + ["l2.smp"]
 )
 L1_REQUIRED = ([f"l1.modules.{g}" for g in ("virtio", "kvm", "vfio", "tun")]
                + ["l1.kvm", "l1.vfio", "l1.iommu", "l1.tun"])

@@ -32,6 +32,7 @@
 #                         the rig's edu driver for L2 (edu-module.sh), and
 #                         checks in L1 that trellis refuses a function bound
 #                         to another driver and a path with no function
+#   --l2-cpus N           vCPUs trellis gives L2 (default 2; L1 has 2)
 #   --l1-sync             sync in L1 before power-off (by default L1 does not,
 #                         so L2's writes only reach the image if trellis
 #                         forwarded L2's flush)
@@ -42,7 +43,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-TRELLIS= PROBE=0 LIVE=0 TIMEOUT=300 TTIMEOUT=120 L1SYNC=0 VFIO=0
+TRELLIS= PROBE=0 LIVE=0 TIMEOUT=300 TTIMEOUT=120 L1SYNC=0 VFIO=0 L2_CPUS=2
 EXTRA_DEVS=() VFIO_BIND=() TARGS=() QARGS=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -58,6 +59,7 @@ while [[ $# -gt 0 ]]; do
     --trellis-arg) TARGS+=("$2"); shift ;;
     --qemu-arg) QARGS+=("$2"); shift ;;
     --l1-sync) L1SYNC=1 ;;
+    --l2-cpus) L2_CPUS=$2; shift ;;
     --vfio) VFIO=1 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) rig_die "unknown argument $1 (see --help)" ;;
@@ -66,6 +68,7 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ $PROBE == 0 ]]; then
     [[ -n $TRELLIS ]] || rig_die "--trellis PATH is required (or --probe)"
+    [[ $L2_CPUS =~ ^[1-9][0-9]?$ ]] || rig_die "--l2-cpus wants a number of vCPUs, got '$L2_CPUS'"
     [[ -x $TRELLIS ]] || rig_die "$TRELLIS is not an executable file"
     TRELLIS=$(realpath "$TRELLIS")
 fi
@@ -102,6 +105,7 @@ for a in "${TARGS[@]}"; do targs+="$(dquote "$a") "; done
     echo "MODE=$([[ $PROBE == 1 ]] && echo probe || echo run)"
     echo "PATTERN=$(squote "$PATTERN")"
     echo "L2_CMDLINE=$(squote "$(l2_cmdline 3)")"
+    echo "L2_CPUS=$L2_CPUS"
     echo "TRELLIS_TIMEOUT=$TTIMEOUT"
     # L1's own watchdog fires before the host's timeout, with a message.
     echo "WATCHDOG=$((TIMEOUT - 30))"

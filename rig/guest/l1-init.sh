@@ -10,7 +10,7 @@
 # with "RIG-L1-DONE ..." and a power-off.
 #
 # Settings come from /etc/rig/run.conf (written by the host per run):
-#   MODE, PATTERN, L2_CMDLINE, TRELLIS_TIMEOUT, WATCHDOG, EXPECT_L1,
+#   MODE, PATTERN, L2_CMDLINE, L2_CPUS, TRELLIS_TIMEOUT, WATCHDOG, EXPECT_L1,
 #   VFIO_BIND, TRELLIS_EXTRA_ARGS, L1_SYNC, VFIO (1: the VFIO checks: trellis
 #   refuses unusable functions, and passes edu and vfioblk through to L2)
 export PATH=/bin:/sbin
@@ -146,7 +146,7 @@ if [ "$MODE" = run ]; then
         --initramfs /l2/initramfs.cpio.gz \
         --cmdline "$L2_CMDLINE" \
         --memory size=512M \
-        --cpus boot=1 \
+        --cpus "boot=${L2_CPUS:-1}" \
         --disk path=/dev/$RW \
         --disk path=/dev/$RO,readonly=on \
         --net tap=trellis0 \

@@ -11,6 +11,7 @@
 #   rig.rw_sectors=N rig.ro_sectors=N  capacities the disks must report
 #   rig.addr=169.254.100.2/16 rig.peer=169.254.100.1   link-local only
 #   rig.pingin=3   echo requests the peer must send us (0: skip that check)
+#   rig.cpus=N     vCPUs the VMM gives L2 (all must come online)
 #   rig.vfio=1     also check the functions passed through with VFIO
 #                  (vfio.sh: rig.vfpattern, rig.vfsha, rig.vf_sectors)
 export PATH=/bin:/sbin
@@ -109,6 +110,15 @@ elif [ -z "$inv_bad" ]; then
 else
     check l2.virtio.inventory fail "mismatch:$inv_bad (found:$INVENTORY)"
 fi
+
+# ---------------------------------------------------------------------------
+# SMP: every vCPU came online (the MADT lists them, KVM starts them).
+# ---------------------------------------------------------------------------
+CPUS=$(cmdline_arg rig.cpus)
+: "${CPUS:=1}"
+online=$(grep -c '^processor' /proc/cpuinfo)
+[ "$online" = "$CPUS" ] && check l2.smp ok "$online CPUs online ($(cat /sys/devices/system/cpu/online))" ||
+    check l2.smp fail "$online CPUs online ($(cat /sys/devices/system/cpu/online)), expected $CPUS"
 
 # ---------------------------------------------------------------------------
 # Entropy: virtio-rng is the current hw_random source and yields bytes.
@@ -246,11 +256,37 @@ if [ -n "$IF" ]; then
     # for a while before the measured ping.
     k=0
     until ping -c 1 -W 1 "$PEER" >/dev/null 2>&1 || [ $k -ge 45 ]; do k=$((k + 1)); done
+
+    # Steer the receive queue's MSI-X vector to the last CPU: Linux rewrites
+    # the vector's message (destination APIC ID), so the replies to the
+    # measured ping must arrive there through the updated KVM route.
+    RXIRQ= LASTCPU=$((CPUS - 1))
+    vname=$(basename "$(readlink /sys/class/net/$IF/device)")
+    [ -n "$vname" ] && RXIRQ=$(awk -v n="$vname-input.0" '$NF == n { sub(":", "", $1); print $1; exit }' /proc/interrupts)
+    rx_count() { awk -v i="$RXIRQ:" -v c=$((LASTCPU + 2)) '$1 == i { print $c; exit }' /proc/interrupts; }
+    if [ "$CPUS" -lt 2 ]; then
+        check l2.net.irq-affinity skip "one CPU"
+    elif [ -z "$RXIRQ" ]; then
+        check l2.net.irq-affinity fail "no $vname-input.0 line in /proc/interrupts"
+    elif ! echo "$LASTCPU" >/proc/irq/$RXIRQ/smp_affinity_list 2>/tmp/aff.err; then
+        check l2.net.irq-affinity fail "cannot steer IRQ $RXIRQ to CPU $LASTCPU: $(cat /tmp/aff.err)"
+    else
+        RX_BEFORE=$(rx_count)
+    fi
+
     out=$(ping -c 3 -W 2 "$PEER" 2>&1 | grep 'packets transmitted')
     case $out in
     *" 3 packets received"*) check l2.net.ping-out ok "$PEER: $out (after $k retries)" ;;
     *) check l2.net.ping-out fail "$PEER: ${out:-no reply} (after $k retries)" ;;
     esac
+    if [ -n "${RX_BEFORE:-}" ]; then
+        rx_after=$(rx_count)
+        if [ "$((rx_after - RX_BEFORE))" -ge 3 ]; then
+            check l2.net.irq-affinity ok "IRQ $RXIRQ ($vname-input.0) on CPU $LASTCPU: $RX_BEFORE -> $rx_after interrupts"
+        else
+            check l2.net.irq-affinity fail "IRQ $RXIRQ on CPU $LASTCPU: $RX_BEFORE -> $rx_after interrupts over 3 replies ($(grep "^ *$RXIRQ:" /proc/interrupts))"
+        fi
+    fi
 
     if [ "$PINGIN" -gt 0 ]; then
         # Wait until the peer's echo requests have arrived and stopped coming.
