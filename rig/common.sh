@@ -46,10 +46,18 @@ rig_setup() {
 }
 
 # The L2 kernel command line; rig.* parameters are read by guest/l2-init.sh.
-# quiet + loglevel keep kernel messages from splitting the CHECK lines;
-# reboot=k + panic=-1: if power-off fails, init's exit resets the machine
-# through the i8042, which ends QEMU (-no-reboot); trellis reboots L2
-# instead, until its timeout kills it (a failed l1.trellis.exit either way).
+# quiet + loglevel keep kernel messages from splitting the CHECK lines.
+# rig.reboot=1: L2 reboots once with `reboot -f` and checks its devices again
+# (guest/reboot.sh). reboot=a: Linux's documented x86 order, the FADT's
+# reset register, then the keyboard controller, then both again. Without it
+# Linux does not get there under trellis: on a hardware-reduced ACPI
+# platform (trellis' FADT) its reboot_init() picks EFI first
+# (efi_reboot_required()); with no EFI that falls through to the BIOS
+# (machine_real_restart(): a jump to F000:FFF0 in real mode), and trellis
+# has no firmware there, so the vCPU spins without an exit and never resets.
+# panic=-1: if power-off fails, init's exit resets the machine, which ends
+# QEMU (-no-reboot); trellis reboots L2 instead, which finds it is one boot
+# too many (l2.reboot.loop), and L1 ends trellis (l1.trellis.reboot).
 # With VFIO=1 the passed-through virtio-blk is a third disk, and L2 checks
 # it and the edu device (guest/vfio.sh).
 l2_cmdline() {
@@ -58,7 +66,7 @@ l2_cmdline() {
         blk=3
         vfio=" rig.vfio=1 rig.vfpattern=$VF_PATTERN rig.vfsha=$VF_BULK_SHA rig.vf_sectors=$VF_SECTORS"
     fi
-    echo "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 rig.pattern=$PATTERN" \
+    echo "console=ttyS0 quiet loglevel=1 reboot=a panic=-1 rig.reboot=1 rig.pattern=$PATTERN" \
         "rig.expect=net:1,blk:$blk,console:1,rng:1 rig.rw_sectors=$RW_SECTORS" \
         "rig.ro_sectors=$RO_SECTORS rig.addr=169.254.100.2/16 rig.peer=169.254.100.1" \
         "rig.pingin=${1:-3}$vfio"
