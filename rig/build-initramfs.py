@@ -247,6 +247,7 @@ def main():
         cpio.file("init", read(os.path.join(GUEST, "l2-init.sh")), 0o755)
         cpio.file("etc/rig/virtio-pci.sh", read(os.path.join(GUEST, "virtio-pci.sh")))
         cpio.file("etc/rig/vfio.sh", read(os.path.join(GUEST, "vfio.sh")))
+        cpio.file("etc/rig/reboot.sh", read(os.path.join(GUEST, "reboot.sh")))
         notes += add_modules(cpio, mods, L2_GROUPS)
         if a.edu_module:
             # Outside the module groups: vfio.sh loads it itself, twice.

@@ -46,10 +46,16 @@ rig_setup() {
 }
 
 # The L2 kernel command line; rig.* parameters are read by guest/l2-init.sh.
-# quiet + loglevel keep kernel messages from splitting the CHECK lines;
-# reboot=k + panic=-1: if power-off fails, init's exit resets the machine
-# through the i8042, which ends QEMU (-no-reboot); trellis reboots L2
-# instead, until its timeout kills it (a failed l1.trellis.exit either way).
+# quiet + loglevel keep kernel messages from splitting the CHECK lines.
+# rig.reboot=1: L2 reboots once with `reboot -f` and checks its devices again
+# (guest/reboot.sh). No reboot=: Linux's default is what users get. On a
+# hardware-reduced ACPI platform (trellis' FADT) reboot_init() picks EFI
+# (efi_reboot_required()); with no EFI that falls through to the BIOS
+# restart (machine_real_restart(): a jump to F000:FFF0 in real mode), where
+# trellis' reset stub pulses the i8042 reset line.
+# panic=-1: if power-off fails, init's exit resets the machine, which ends
+# QEMU (-no-reboot); trellis reboots L2 instead, which finds it is one boot
+# too many (l2.reboot.loop), and L1 ends trellis (l1.trellis.reboot).
 # With VFIO=1 the passed-through virtio-blk is a third disk, and L2 checks
 # it and the edu device (guest/vfio.sh).
 l2_cmdline() {
@@ -58,7 +64,7 @@ l2_cmdline() {
         blk=3
         vfio=" rig.vfio=1 rig.vfpattern=$VF_PATTERN rig.vfsha=$VF_BULK_SHA rig.vf_sectors=$VF_SECTORS"
     fi
-    echo "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 rig.pattern=$PATTERN rig.cpus=${L2_CPUS:-1}" \
+    echo "console=ttyS0 quiet loglevel=1 panic=-1 rig.reboot=1 rig.pattern=$PATTERN rig.cpus=${L2_CPUS:-1}" \
         "rig.expect=net:1,blk:$blk,console:1,rng:1 rig.rw_sectors=$RW_SECTORS" \
         "rig.ro_sectors=$RO_SECTORS rig.addr=169.254.100.2/16 rig.peer=169.254.100.1" \
         "rig.pingin=${1:-3}$vfio"

@@ -3,7 +3,9 @@
 run afterwards (python3 stdlib only).
 
   host.py mkimages DIR [--vfio-disk]
-      DIR/disk.img  64 MiB, read-write; sector 0 starts "TRELLIS-RW-DISK\\n"
+      DIR/disk.img  64 MiB, read-write; sector 0 starts "TRELLIS-RW-DISK\\n";
+                    L2 writes its pattern at 1 MiB, 4 MiB of data at 2 MiB
+                    and its reboot state line at 8 MiB
       DIR/ro.img     8 MiB, read-only;  sector 0 starts "TRELLIS-RO-DISK\\n"
       DIR/vf.img    16 MiB (--vfio-disk), for the VFIO virtio-blk of L1;
                     sector 0 starts "TRELLIS-VF-DISK\\n", a pattern line at
@@ -30,6 +32,9 @@ MiB = 1 << 20
 RW_SIZE, RO_SIZE, VF_SIZE = 64 * MiB, 8 * MiB, 16 * MiB
 PATTERN_OFFSET = 1 * MiB          # where L2 writes the pattern (sector 2048)
 BULK_OFFSET, BULK_LEN = 2 * MiB, 4 * MiB
+# L2's reboot state (guest/reboot.sh): one line at 8 MiB (sector 16384),
+# after everything else L2 writes; the second boot leaves "boot2-done".
+REBOOT_OFFSET = 8 * MiB
 # vf.img: the host's pattern line at 1 MiB and random data at 4 MiB, which
 # L2 reads; L2 writes the run's pattern at 3 MiB (sector 6144).
 VF_PATTERN_OFFSET, VF_WRITE_OFFSET = 1 * MiB, 3 * MiB
@@ -100,10 +105,26 @@ L2_REQUIRED = (
     + [f"l2.net.{c}" for c in ("iface", "link", "ping-out", "ping-in", "irq-affinity")]
     + ["l2.smp"]
 )
+# L2 then reboots once (guest/reboot.sh): the first boot, after the checks
+# above, leaves its state on the rw disk and runs `reboot -f`; the VMM (trellis
+# rebuilding the VM, or selftest.sh starting QEMU again) boots L2 again on the
+# same disks, and the second boot re-checks the devices under l2.reboot.*.
+L2_REBOOT_REQUIRED = (
+    ["l2.reboot.marker", "l2.reboot.boot"]
+    + [f"l2.reboot.modules.{g}" for g in ("virtio", "blk", "net", "console", "rng")]
+    + [f"l2.reboot.virtio.{d}" for d in ("blk0", "blk1", "net0", "console0", "rng0")]
+    + ["l2.reboot.virtio.inventory", "l2.reboot.blk.rw", "l2.reboot.blk.ro", "l2.reboot.rng",
+       "l2.reboot.console", "l2.reboot.net", "l2.reboot.done",
+       "host.disk.reboot", "host.reboot.console"]
+)
 L1_REQUIRED = ([f"l1.modules.{g}" for g in ("virtio", "kvm", "vfio", "tun")]
                + ["l1.kvm", "l1.vfio", "l1.iommu", "l1.tun"])
 L1_RUN_REQUIRED = ["l1.disk.rw", "l1.disk.ro", "l1.net.tap", "l1.net.ping-l2",
-                   "l1.trellis.exit", "l1.console-file"]
+                   "l1.trellis.exit", "l1.console-file",
+                   # the reboot: one rebuild, through the FADT's reset register;
+                   # the tap trellis made again; hvc0's second-boot line
+                   "l1.trellis.reboot", "l1.trellis.reset-path", "l1.net.tap-again",
+                   "l1.reboot.console-file"]
 # --vfio: edu and a virtio-blk passed through from L1 (the disk is blk2 in
 # L2's bus order, after trellis' own two), and the refusals in L1.
 VFIO_REQUIRED = (
@@ -114,6 +135,10 @@ VFIO_REQUIRED = (
     + ["l1.vfio.bind-edu", "l1.vfio.bind-vfioblk", "l1.vfio.refuse-unbound",
        "l1.vfio.refuse-missing", "l1.vfio.direct-edu", "l1.vfio.direct-vfblk",
        "host.vfdisk.write"]
+    # the second boot: both functions bound and working again after trellis
+    # closed and re-opened their VFIO groups
+    + ["l2.reboot.virtio.blk2", "l2.reboot.vfio.blk", "l2.reboot.vfio.edu",
+       "l2.reboot.vfio.edu-msi"]
 )
 
 
@@ -134,10 +159,10 @@ def verify(a):
     required = []
     markers = []
     if a.mode in ("l2-direct", "run"):
-        required += L2_REQUIRED
-        markers.append("RIG-L2-DONE")
+        required += L2_REQUIRED + L2_REBOOT_REQUIRED
+        markers += ["RIG-L2-DONE", "RIG-L2-REBOOT-DONE"]
     if a.mode == "l2-direct":
-        required += ["host.net.tap", "host.net.ping-l2"]
+        required += ["host.net.tap", "host.net.ping-l2", "host.net.tap-again"]
     if a.mode in ("probe", "run"):
         required += L1_REQUIRED
         markers.append("RIG-L1-DONE")
@@ -176,6 +201,14 @@ def verify(a):
         want = open(os.path.join(a.dir, "ro.sha256")).read().strip()
         got = sha256_file(os.path.join(a.dir, "ro.img"))
         hcheck("host.disk.ro-unchanged", got == want, f"sha256={got}")
+        # The second boot's last write: the state line saying it finished,
+        # written and flushed through the rebuilt VM's disk.
+        with open(disk, "rb") as f:
+            f.seek(REBOOT_OFFSET)
+            got = f.read(512).split(b"\n")[0]
+        want = f"RIG-REBOOT boot2-done {pattern} ".encode()
+        hcheck("host.disk.reboot", got.startswith(want),
+               f"disk.img@{REBOOT_OFFSET}: {got[:120]!r}")
 
         hvc = f"RIG-HVC0 {pattern}"
         if a.mode == "l2-direct":
@@ -203,8 +236,18 @@ def verify(a):
             hcheck("host.vfdisk.write", got == (pattern + "\n").encode(),
                    f"vf.img@{VF_WRITE_OFFSET}: {got!r}")
 
-        hcheck("host.console", hvc in text.splitlines(),
-               f"'RIG-HVC0 <pattern>' {'found' if hvc in text.splitlines() else 'missing'} in {where}")
+        text = text.replace("\r", "").splitlines()
+        hcheck("host.console", hvc in text,
+               f"'RIG-HVC0 <pattern>' {'found' if hvc in text else 'missing'} in {where}")
+        # The second boot's line comes after the first's: the console output
+        # went on across the reboot instead of starting afresh.
+        hvc2 = f"RIG-HVC0-BOOT2 {pattern}"
+        first = text.index(hvc) if hvc in text else None
+        second = text.index(hvc2) if hvc2 in text else None
+        hcheck("host.reboot.console", first is not None and second is not None and first < second,
+               f"'RIG-HVC0-BOOT2 <pattern>' {'missing' if second is None else 'at line %d' % second}"
+               f" (first boot's line: {'missing' if first is None else 'at line %d' % first})"
+               f" in {where}")
 
     for c in host:
         print("CHECK %s %s %s" % c)

@@ -9,6 +9,11 @@
 #     virtio-serial console port (hvc0). The host plays L2's network peer from
 #     a private network namespace (QEMU's tap never touches the host's own
 #     network). All l2.* checks and the host-side image checks must pass.
+#     L2 reboots once (guest/reboot.sh): QEMU runs with -no-reboot, so L2's
+#     reset ends it, and this script starts it again on the same images,
+#     as trellis rebuilds its VM (which also makes QEMU create its tap
+#     again, as trellis does); the second boot's l2.reboot.* checks must
+#     pass too. A third start never happens.
 #  2. L1 probe: boots L1 as run.sh would, with the edu device and a second
 #     virtio-blk-pci, and checks the sandbox: modules load, /dev/kvm (nested
 #     SVM), /dev/vfio/vfio, IOMMU groups, /dev/net/tun, the edu device can be
@@ -55,31 +60,39 @@ if [[ $DO_L2 == 1 ]]; then
         tailpid=$!
     fi
     # Inside a new network namespace: QEMU creates tap rigtap0 there, and the
-    # peer script addresses it (169.254.100.1/16) once it appears.
+    # peer script addresses it (169.254.100.1/16) once it appears, and again
+    # when the second QEMU creates it anew. Both QEMU runs share 300 s; the
+    # console file is appended to, as trellis does across a reboot.
     unshare --net -- bash -c '
         set -u
         ip link set lo up
         PATH=$WORK/bb:$PATH sh "$RIG/guest/peer.sh" host rigtap0 169.254.100.1/16 \
-            169.254.100.2 240 >"$WORK/peer.log" 2>&1 &
+            169.254.100.2 240 1 >"$WORK/peer.log" 2>&1 &
         peer=$!
         rc=0
-        timeout --kill-after=10 300 qemu-system-x86_64 \
-            -accel tcg -M q35 -cpu max -m 512 -smp 1 \
-            -nographic -no-reboot -monitor none -serial stdio -nic none \
-            -kernel "$RIG_VMLINUZ" -initrd "$WORK/l2.cpio.gz" -append "$L2_CMDLINE" \
-            -drive if=none,id=rw,file="$WORK/disk.img",format=raw \
-            -device virtio-blk-pci,drive=rw,disable-legacy=on \
-            -drive if=none,id=ro,file="$WORK/ro.img",format=raw,readonly=on \
-            -device virtio-blk-pci,drive=ro,disable-legacy=on \
-            -netdev tap,id=n0,ifname=rigtap0,script=no,downscript=no \
-            -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile= \
-            -object rng-random,id=rng0,filename=/dev/urandom \
-            -device virtio-rng-pci,rng=rng0,disable-legacy=on \
-            -chardev file,id=con0,path="$WORK/console.out" \
-            -device virtio-serial-pci,disable-legacy=on \
-            -device virtconsole,chardev=con0 \
-            </dev/null >"$WORK/l2-direct.log" 2>&1 || rc=$?
-        [ $rc = 124 ] && echo "rig: QEMU killed after 300 s" >>"$WORK/l2-direct.log"
+        for run in 1 2; do
+            [ $run = 1 ] || grep -q RIG-L2-REBOOTING "$WORK/l2-direct.log" || break
+            left=$((300 - SECONDS))
+            [ $left -gt 0 ] || break
+            [ $run = 1 ] || echo "rig: L2 reset QEMU (-no-reboot): starting it again on the same images" >>"$WORK/l2-direct.log"
+            timeout --kill-after=10 $left qemu-system-x86_64 \
+                -accel tcg -M q35 -cpu max -m 512 -smp 1 \
+                -nographic -no-reboot -monitor none -serial stdio -nic none \
+                -kernel "$RIG_VMLINUZ" -initrd "$WORK/l2.cpio.gz" -append "$L2_CMDLINE" \
+                -drive if=none,id=rw,file="$WORK/disk.img",format=raw \
+                -device virtio-blk-pci,drive=rw,disable-legacy=on \
+                -drive if=none,id=ro,file="$WORK/ro.img",format=raw,readonly=on \
+                -device virtio-blk-pci,drive=ro,disable-legacy=on \
+                -netdev tap,id=n0,ifname=rigtap0,script=no,downscript=no \
+                -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile= \
+                -object rng-random,id=rng0,filename=/dev/urandom \
+                -device virtio-rng-pci,rng=rng0,disable-legacy=on \
+                -chardev file,id=con0,path="$WORK/console.out",append=on \
+                -device virtio-serial-pci,disable-legacy=on \
+                -device virtconsole,chardev=con0 \
+                </dev/null >>"$WORK/l2-direct.log" 2>&1 || rc=$?
+            [ $rc = 124 ] && echo "rig: QEMU killed: 300 s used up" >>"$WORK/l2-direct.log"
+        done
         kill $peer 2>/dev/null
         wait $peer 2>/dev/null
         exit 0

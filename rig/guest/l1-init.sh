@@ -4,7 +4,8 @@
 # disks the host gave it, and then either
 #   MODE=probe  only checks the sandbox (KVM, VFIO, extra devices), or
 #   MODE=run    runs trellis to boot L2, plays L2's network peer, and prints
-#               what L2 wrote to its virtio console.
+#               what L2 wrote to its virtio console. L2 reboots once
+#               (guest/reboot.sh): trellis must rebuild the VM exactly once.
 # Results are "CHECK l1.<name> ok|fail|skip <detail>" lines (lib.sh); L2's own
 # CHECK lines pass through trellis' serial port to this console. The run ends
 # with "RIG-L1-DONE ..." and a power-off.
@@ -130,17 +131,49 @@ if [ "$MODE" = run ]; then
 
     mkdir -p /l2
     : >/l2/console.out
-    # The peer waits for trellis' tap, addresses it and pings L2. Its output
+    # The peer waits for trellis' tap, addresses it and pings L2; when L2
+    # reboots, trellis deletes the tap and creates it again, and the peer
+    # addresses the new one (L2 pings it from its second boot). Its output
     # goes to a file: L2's CHECK lines share this console while trellis runs.
-    sh /etc/rig/peer.sh l1 trellis0 169.254.100.1/16 169.254.100.2 "$TRELLIS_TIMEOUT" >/tmp/peer.log 2>&1 &
+    sh /etc/rig/peer.sh l1 trellis0 169.254.100.1/16 169.254.100.2 "$TRELLIS_TIMEOUT" 1 >/tmp/peer.log 2>&1 &
     peer=$!
+
+    # L2 reboots once. Should it reboot again (say its state on the disk
+    # was lost, so every boot thinks it is the first), end trellis soon
+    # after the third boot starts instead of at TRELLIS_TIMEOUT; the grace
+    # lets a third L2 say itself that it is one too many (l2.reboot.loop).
+    : >/tmp/trellis.err
+    rm -f /tmp/trellis.pid /tmp/trellis.loop
+    (
+        k=0
+        while sleep 1; do
+            grep -q 'rebuilding it for boot [3-9]' /tmp/trellis.err || continue
+            k=$((k + 1))
+            [ $k -ge 20 ] || continue
+            echo killed >/tmp/trellis.loop
+            kill -KILL "$(cat /tmp/trellis.pid)"
+            break
+        done
+    ) &
+    loopwatch=$!
 
     # L1's /dev/vdX are passed straight through, so L2's flushed writes reach
     # the host's image files. TRELLIS_EXTRA_ARGS is expanded here, after the
     # VFIO binding above, so it may use ${EDU_SYSFS} or ${VFIOBLK_SYSFS}.
+    # RUST_LOG: trellis' default filter (config::log_filter(0)) plus the
+    # lines saying which device the guest reset the VM through; not with a
+    # -v from --trellis-arg, which RUST_LOG would override (and -v shows
+    # those lines anyway).
+    # The sh -c wrapper records trellis' pid for the watcher above (busybox
+    # timeout execs the command in its own process).
     eval "set -- $TRELLIS_EXTRA_ARGS"
+    verbose=0
+    for a; do case $a in -v | -vv | -vvv) verbose=1 ;; esac; done
+    [ $verbose = 1 ] ||
+        export RUST_LOG=warn,trellis=info,vfio_ioctls=error,devices::acpi_pm=info,devices::i8042=info
     echo "RIG-L1 starting trellis (timeout ${TRELLIS_TIMEOUT}s) at uptime=$(cut -d' ' -f1 /proc/uptime)"
     t0=$(cut -d' ' -f1 /proc/uptime)
+    sh -c 'echo $$ >/tmp/trellis.pid; exec "$@"' trellis \
     timeout -s KILL "$TRELLIS_TIMEOUT" /bin/trellis \
         --kernel /l2/vmlinuz \
         --initramfs /l2/initramfs.cpio.gz \
@@ -153,8 +186,9 @@ if [ "$MODE" = run ]; then
         --rng src=/dev/urandom \
         --console file=/l2/console.out \
         --serial tty \
-        "$@" 2>/tmp/trellis.err
+        "$@" 2>>/tmp/trellis.err
     rc=$?
+    kill $loopwatch 2>/dev/null
     t1=$(cut -d' ' -f1 /proc/uptime)
     echo
     echo "RIG-L1 trellis exited rc=$rc after $(awk "BEGIN { print $t1 - $t0 }") s"
@@ -168,28 +202,56 @@ if [ "$MODE" = run ]; then
         check l1.net.tap fail "tap trellis0 did not appear while trellis ran"
     grep -q '^CHECK l1.net.ping-l2' /tmp/peer.log ||
         check l1.net.ping-l2 fail "trellis exited before L2 answered a ping"
+    grep -q '^CHECK l1.net.tap-again' /tmp/peer.log ||
+        check l1.net.tap-again fail "trellis exited before it created tap trellis0 again"
     FAIL=$((FAIL + $(grep -c '^CHECK [^ ]* fail' /tmp/peer.log)))
     PASS=$((PASS + $(grep -c '^CHECK [^ ]* ok' /tmp/peer.log)))
 
     case $rc in
     0) check l1.trellis.exit ok "rc=0" ;;
-    137) check l1.trellis.exit fail "killed after ${TRELLIS_TIMEOUT}s timeout" ;;
+    137) [ -e /tmp/trellis.loop ] &&
+        check l1.trellis.exit fail "killed: L2 was booted a third time (20 s ago)" ||
+        check l1.trellis.exit fail "killed after ${TRELLIS_TIMEOUT}s timeout" ;;
     *) check l1.trellis.exit fail "rc=$rc" ;;
     esac
     sed 's/^/TRELLIS-STDERR /' /tmp/trellis.err
+
+    # The reboot: trellis rebuilt the VM once, and L2's Linux reset it with
+    # its default method here, the BIOS restart: a jump to the reset vector,
+    # whose stub pulses the i8042 reset line.
+    nreb=$(grep -c 'rebuilding it for boot' /tmp/trellis.err)
+    resets=$(grep -o -e 'acpi: guest requested reset' -e 'i8042: guest requested CPU reset' /tmp/trellis.err |
+        cut -d: -f1 | tr '\n' ' ')
+    if [ "$nreb" = 1 ] && grep -q 'rebuilding it for boot 2$' /tmp/trellis.err; then
+        check l1.trellis.reboot ok "one rebuild: $(grep -o 'the guest reset .*' /tmp/trellis.err)"
+    else
+        check l1.trellis.reboot fail "$nreb rebuild lines, expected one for boot 2: $(grep -o 'rebuilding it for boot [0-9]*' /tmp/trellis.err | tr '\n' ' ')"
+    fi
+    case $resets in
+    i8042*) check l1.trellis.reset-path ok "reset requests, in order: $resets (Linux's BIOS restart hit the reset-vector stub)" ;;
+    *) check l1.trellis.reset-path fail "reset requests, in order: '$resets' (expected the i8042, through the reset-vector stub)" ;;
+    esac
 
     if [ "$VFIO" = 1 ]; then
         # trellis reports, per passed-through function, how many guest BAR
         # accesses it had to forward through VFIO: with the BARs mmapped
         # into L2 that is none (MSI-X table and PBA accesses are emulated).
+        # One line per boot (trellis logs it when it tears the device down).
         for id in edu vfblk; do
-            line=$(grep -o "vfio-stats id=$id .*" /tmp/trellis.err | tail -n1)
-            fwd=$(echo "$line" | sed -n 's/.* forwarded=\([0-9]*\).*/\1/p')
-            dm=$(echo "$line" | sed -n 's/.* direct_mapped=\(0x[0-9a-f]*\).*/\1/p')
-            if [ -n "$line" ] && [ "$fwd" = 0 ] && [ "$((${dm:-0}))" -gt 0 ]; then
-                check l1.vfio.direct-$id ok "$line"
+            grep -o "vfio-stats id=$id .*" /tmp/trellis.err >/tmp/stats
+            bad=0
+            while read -r line; do
+                fwd=$(echo "$line" | sed -n 's/.* forwarded=\([0-9]*\).*/\1/p')
+                dm=$(echo "$line" | sed -n 's/.* direct_mapped=\(0x[0-9a-f]*\).*/\1/p')
+                [ "$fwd" = 0 ] && [ "$((${dm:-0}))" -gt 0 ] || bad=1
+            done </tmp/stats
+            lines="$(wc -l </tmp/stats) boot(s): $(tr '\n' ';' </tmp/stats)"
+            if [ -s /tmp/stats ] && [ $bad = 0 ]; then
+                check l1.vfio.direct-$id ok "$lines"
+            elif [ -s /tmp/stats ]; then
+                check l1.vfio.direct-$id fail "$lines"
             else
-                check l1.vfio.direct-$id fail "${line:-no vfio-stats line for $id in trellis' stderr}"
+                check l1.vfio.direct-$id fail "no vfio-stats line for $id in trellis' stderr"
             fi
         done
     fi
@@ -202,6 +264,13 @@ if [ "$MODE" = run ]; then
     tr -d '\r' </l2/console.out | grep -qxF "RIG-HVC0 $PATTERN" &&
         check l1.console-file ok "L2's hvc0 line reached /l2/console.out" ||
         check l1.console-file fail "'RIG-HVC0 <pattern>' not in /l2/console.out ($(wc -c </l2/console.out) bytes)"
+    # The second boot's line, after the first's: trellis kept the file
+    # across the reboot and went on writing after what it had.
+    n1=$(tr -d '\r' </l2/console.out | grep -nxF "RIG-HVC0 $PATTERN" | head -n1 | cut -d: -f1)
+    n2=$(tr -d '\r' </l2/console.out | grep -nxF "RIG-HVC0-BOOT2 $PATTERN" | head -n1 | cut -d: -f1)
+    [ -n "$n1" ] && [ -n "$n2" ] && [ "$n1" -lt "$n2" ] &&
+        check l1.reboot.console-file ok "the second boot's hvc0 line follows the first's (lines $n1, $n2)" ||
+        check l1.reboot.console-file fail "'RIG-HVC0-BOOT2 <pattern>' at line '${n2}', the first boot's at line '${n1}' of /l2/console.out"
 fi
 
 }

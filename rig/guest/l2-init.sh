@@ -14,6 +14,11 @@
 #   rig.cpus=N     vCPUs the VMM gives L2 (all must come online)
 #   rig.vfio=1     also check the functions passed through with VFIO
 #                  (vfio.sh: rig.vfpattern, rig.vfsha, rig.vf_sectors)
+#   rig.reboot=1   after the checks, reboot once and re-check the devices
+#                  in the second boot (reboot.sh); without it: a skip
+#
+# With rig.reboot=1 the first boot ends "RIG-L2-DONE ..." then
+# "RIG-L2-REBOOTING", the second boot "RIG-L2-REBOOT-DONE ...".
 export PATH=/bin:/sbin
 . /etc/rig/lib.sh
 early_mounts
@@ -23,9 +28,27 @@ echo 1 >/proc/sys/kernel/printk
 start_watchdog "$(cmdline_arg rig.watchdog | grep . || echo 150)" L2
 echo "RIG-L2-START kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
 
+PATTERN=$(cmdline_arg rig.pattern)
+REBOOT=$(cmdline_arg rig.reboot)
+
+# The modules first: which boot this is is written on the rw disk. Their
+# checks are printed once that is known, named l2.modules.* in the first
+# boot and l2.reboot.modules.* in the second (the counts are kept here).
+for g in virtio blk net console rng; do load_group l2 "$g"; done >/tmp/modules.checks
+. /etc/rig/virtio-pci.sh
+. /etc/rig/reboot.sh
+BOOT=1 STATE= RW=
+if [ "$REBOOT" = 1 ]; then
+    RW=$(disk_with_header TRELLIS-RW-DISK)
+    [ -n "$RW" ] && STATE=$(reboot_state_read "$RW")
+    case $STATE in
+    "RIG-REBOOT boot1-done $PATTERN "*) BOOT=2 ;;
+    "RIG-REBOOT boot2-"*) BOOT=3 ;;
+    esac
+fi
+
 # Everything up to the verdict runs in main(), in a subshell (run_main).
 main() {
-PATTERN=$(cmdline_arg rig.pattern)
 EXPECT=$(cmdline_arg rig.expect)
 RW_SECTORS=$(cmdline_arg rig.rw_sectors)
 RO_SECTORS=$(cmdline_arg rig.ro_sectors)
@@ -34,13 +57,9 @@ PEER=$(cmdline_arg rig.peer)
 PINGIN=$(cmdline_arg rig.pingin)
 : "${ADDR:=169.254.100.2/16}" "${PEER:=169.254.100.1}" "${PINGIN:=3}"
 
-for g in virtio blk net console rng; do load_group l2 "$g"; done
-
 # ---------------------------------------------------------------------------
 # PCI: every virtio function, its driver, MSI-X and its capability chain.
 # ---------------------------------------------------------------------------
-. /etc/rig/virtio-pci.sh
-
 INVENTORY=
 for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/vendor")" = 0x1af4 ] || continue
@@ -189,8 +208,12 @@ if [ -n "$RW" ]; then
     want=$(sha256sum /tmp/bulk | cut -d' ' -f1)
     if timeout 60 dd if=/tmp/bulk of=/dev/$RW bs=1M seek=2 oflag=direct conv=notrunc,fsync 2>/tmp/dd.err; then
         got=$(timeout 60 dd if=/dev/$RW bs=1M skip=2 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
-        [ "$got" = "$want" ] && check l2.blk.rw.bulk ok "offset=2097152 len=4194304 sha256=$want" ||
+        if [ "$got" = "$want" ]; then
+            check l2.blk.rw.bulk ok "offset=2097152 len=4194304 sha256=$want"
+            echo "$want" >/tmp/rig.bulk.sha  # the second boot reads it again
+        else
             check l2.blk.rw.bulk fail "read back sha256=$got wrote=$want"
+        fi
     else
         check l2.blk.rw.bulk fail "write failed: $(cat /tmp/dd.err)"
     fi
@@ -308,16 +331,58 @@ else
 fi
 
 }
-run_main l2
 
-if [ $FAIL -gt 0 ]; then
-    dmesg | tail -n 60 | sed 's/^/L2-DMESG /'
-fi
-echo "RIG-L2-DONE pass=$PASS fail=$FAIL uptime=$(cut -d' ' -f1 /proc/uptime)"
+# The second boot (reboot.sh): mark it started, so that a later boot knows
+# it is one too many, then the compact checks.
+reboot_main() {
+    check l2.reboot.boot ok "second boot: the first left '$STATE' on $RW"
+    reboot_state_write "$RW" "RIG-REBOOT boot2-started $PATTERN" ||
+        check l2.reboot.started fail "could not write boot2-started to $RW: $(cat /tmp/dd.err)"
+    [ "$(cmdline_arg rig.vfio)" = 1 ] && . /etc/rig/vfio.sh
+    reboot_checks
+    if reboot_state_write "$RW" "RIG-REBOOT boot2-done $PATTERN "; then
+        check l2.reboot.done ok "wrote boot2-done to $RW"
+    else
+        check l2.reboot.done fail "could not write boot2-done to $RW: $(cat /tmp/dd.err)"
+    fi
+}
+
+case $BOOT in
+1)
+    cat /tmp/modules.checks
+    run_main l2
+    next=poweroff
+    if [ "$REBOOT" != 1 ]; then
+        check l2.reboot skip "no rig.reboot=1 on the command line"
+    elif reboot_leave_state; then
+        next=reboot
+    fi
+    [ $FAIL -gt 0 ] && dmesg | tail -n 60 | sed 's/^/L2-DMESG /'
+    echo "RIG-L2-DONE pass=$PASS fail=$FAIL uptime=$(cut -d' ' -f1 /proc/uptime)"
+    if [ $next = reboot ]; then
+        echo "RIG-L2-REBOOTING with reboot -f"
+        reboot -f
+        sleep 10
+        echo "RIG-L2-REBOOT-FAILED: reboot -f returned and the VM still runs after 10 s"
+    fi
+    ;;
+2)
+    sed 's/^CHECK l2\.modules\./CHECK l2.reboot.modules./' /tmp/modules.checks
+    run_main l2.reboot reboot_main
+    [ $FAIL -gt 0 ] && dmesg | tail -n 60 | sed 's/^/L2-DMESG /'
+    echo "RIG-L2-REBOOT-DONE pass=$PASS fail=$FAIL uptime=$(cut -d' ' -f1 /proc/uptime)"
+    ;;
+*)
+    check l2.reboot.loop fail "a third boot: the rw disk ($RW) says '$STATE'" \
+        "(boot2-started: the second boot reset before it finished; boot2-done: its power-off reset instead)"
+    echo "RIG-L2-REBOOT-LOOP: powering off"
+    ;;
+esac
 sync
 # Power off; if the VMM has no ACPI power-off the call returns, init exits,
-# the kernel panics and panic=-1 resets the machine: QEMU (-no-reboot) ends,
-# trellis reboots L2 until l1-init's timeout ends it.
+# the kernel panics and panic=-1 resets the machine: QEMU (-no-reboot) ends;
+# trellis reboots L2, which then finds a state that says it is one boot too
+# many (l2.reboot.loop), and L1 ends trellis (l1.trellis.reboot).
 poweroff -f
 sleep 5
 reboot -f

@@ -92,13 +92,14 @@ early_mounts() {
     mount -t tmpfs tmpfs /tmp
 }
 
-# run_main SCOPE: run the caller's main() in a subshell, so that a shell error
-# in a check (bad arithmetic on a value a broken device reported, say) ends
-# only the checks, not /init: the run still reports and powers off.
+# run_main SCOPE [FUNC]: run the caller's main() (or FUNC) in a subshell, so
+# that a shell error in a check (bad arithmetic on a value a broken device
+# reported, say) ends only the checks, not /init: the run still reports and
+# powers off.
 run_main() {
     rm -f /tmp/rig.counts
     (
-        main
+        ${2:-main}
         echo "$PASS $FAIL" >/tmp/rig.counts
     )
     _rc=$?

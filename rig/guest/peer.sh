@@ -3,13 +3,22 @@
 # the host inside a private network namespace). POSIX sh; needs ip and ping
 # (busybox's are fine).
 #
-#   peer.sh SCOPE IFACE LOCAL_CIDR REMOTE_IP WAIT_SECS
+#   peer.sh SCOPE IFACE LOCAL_CIDR REMOTE_IP WAIT_SECS [AGAIN]
 #
 # Waits for IFACE to appear (the VMM creates the tap), gives it LOCAL_CIDR
 # (link-local only), waits until REMOTE_IP answers, then pings it 3 times.
 # Prints "CHECK <SCOPE>.net.tap ..." and "CHECK <SCOPE>.net.ping-l2 ...".
+#
+# AGAIN=1: L2 reboots, and its VMM (trellis rebuilding the VM, QEMU started
+# again) closes the tap, which deletes it, and creates it anew. The peer
+# then waits for the tap to lose its address (the old one gone) and to be
+# there again, addresses the new one and prints "CHECK <SCOPE>.net.tap-again
+# ...". It does not ping in the second boot: L2 pings it (l2.reboot.net).
+# All of it within WAIT_SECS of the start.
 set -u
-scope=$1 ifc=$2 cidr=$3 remote=$4 wait=$5
+scope=$1 ifc=$2 cidr=$3 remote=$4 wait=$5 again=${6:-0}
+t0=$(cut -d. -f1 /proc/uptime)
+left() { echo $((wait - ($(cut -d. -f1 /proc/uptime) - t0))); }
 
 # Ask the kernel (ip link), not /sys/class/net: sysfs shows the network
 # namespace it was mounted in, which is not ours under `unshare --net`.
@@ -43,3 +52,16 @@ case $out in
     echo "CHECK $scope.net.ping-l2 fail $remote: ${out:-no output}"
     exit 1 ;;
 esac
+[ "$again" = 1 ] || exit 0
+
+# The reboot: the address goes with the old tap; then the new one appears.
+addressed() { ip addr show dev "$ifc" 2>/dev/null | grep -q "inet $cidr "; }
+i=0
+while addressed && [ "$(left)" -gt 0 ]; do sleep 0.2; i=$((i + 1)); done
+while ! present && [ "$(left)" -gt 0 ]; do sleep 0.1; done
+if addressed || ! present; then
+    echo "CHECK $scope.net.tap-again fail $ifc was not deleted and created again within $wait s"
+    exit 1
+fi
+ip addr add "$cidr" dev "$ifc" && ip link set "$ifc" up
+echo "CHECK $scope.net.tap-again ok $ifc deleted ~$((i / 5)) s after the pings and created again; address $cidr again"

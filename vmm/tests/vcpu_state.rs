@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use common::{require_kvm, SerialOutput, MIB};
 use devices::acpi_pm::{AcpiPmDevice, ACPI_PM_BASE, ACPI_PM_LEN};
+use devices::i8042::{I8042Device, I8042_BASE, I8042_LEN};
 use devices::serial::{Serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use devices::Bus;
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vmm::arch::regs::{msr_index, BootEntry};
+use vmm::arch::regs::{msr_index, write_boot_tables, BootEntry};
 use vmm::memory::MemoryManager;
 use vmm::vcpu::{install_kick_handler, kick_signal, spawn_vcpu, Vcpu, VcpuRunState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -176,4 +177,61 @@ fn real_mode_guest_on_a_bare_vcpu_thread() {
     // Asked to stop, so nothing is reported as a guest exit.
     assert!(state.take_exit().is_none());
     assert!(reset.read().is_err());
+}
+
+/// Linux's default reboot on trellis jumps to the real-mode reset vector
+/// F000:FFF0 (its "BIOS" restart): the stub the boot tables put there must
+/// turn that into an i8042 reset request, not an endless run through
+/// zeroed memory.
+#[test]
+fn a_jump_to_the_reset_vector_requests_a_reset() {
+    let m = machine();
+    let mem = m.memory.guest_memory().memory();
+    let entry = BootEntry::Pvh {
+        entry: 0x100_0000,
+        start_info: 0x6000,
+    };
+    write_boot_tables(&mem, &entry).unwrap();
+
+    let (io, mmio) = buses();
+    let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+    io.insert(
+        Arc::new(Mutex::new(I8042Device::new(reset.try_clone().unwrap()))),
+        I8042_BASE,
+        I8042_LEN,
+    )
+    .unwrap();
+    let vcpu = Vcpu::new(&m.vm, 0, io, mmio).unwrap();
+    // Where Linux's machine_real_restart() lands: ljmp $0xf000, $0xfff0.
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    sregs.cs.selector = 0xf000;
+    sregs.cs.base = 0xf_0000;
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.fd().get_regs().unwrap();
+    regs.rip = 0xfff0;
+    vcpu.fd().set_regs(&regs).unwrap();
+
+    install_kick_handler().unwrap();
+    let state = Arc::new(VcpuRunState::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let thread = spawn_vcpu(vcpu, state.clone()).unwrap();
+    let start = Instant::now();
+    let pulsed = loop {
+        match reset.read() {
+            Ok(n) => break Some(n),
+            Err(_) if start.elapsed() > Duration::from_secs(5) => break None,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    state.request_stop();
+    let start = Instant::now();
+    while !thread.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "vCPU did not stop"
+        );
+        thread.kill(kick_signal()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    thread.join().unwrap();
+    assert_eq!(pulsed, Some(1), "no reset request within 5 s of the jump");
 }

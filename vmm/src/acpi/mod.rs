@@ -31,7 +31,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 pub use dsdt::prt_entries;
 
-use crate::arch::{ACPI_END, ACPI_START};
+use crate::arch::{ACPI_START, RESET_STUB_START};
 use crate::memory::GuestMemoryMmap;
 
 /// OEM ID in every table.
@@ -243,10 +243,11 @@ pub fn create_acpi_tables(
     let xsdt_addr = w.place(to_bytes(&xsdt));
 
     let end = w.tables.last().map_or(w.next, |(a, b)| a + b.len() as u64);
-    if end > ACPI_END {
+    // The reset stub has the top of the area.
+    if end > RESET_STUB_START {
         return Err(AcpiError::TooLarge {
             needed: end - ACPI_START,
-            available: ACPI_END - ACPI_START,
+            available: RESET_STUB_START - ACPI_START,
         });
     }
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));

@@ -14,6 +14,7 @@
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories
 //! 0x0002_0000  kernel command line (up to 64 KiB)
 //! 0x000e_0000  ACPI tables: RSDP first, then DSDT, FADT, MADT, MCFG, XSDT
+//! 0x000f_fff0  reset stub (the real-mode reset vector): i8042 reset
 //! 0x0010_0000  kernel (bzImage protected-mode part / ELF segments) and up
 //! ```
 
@@ -65,8 +66,18 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// Start of the area the ACPI tables are written to (the RSDP must be in
 /// 0xe0000..0x100000 for guests that scan for it).
 pub const ACPI_START: u64 = 0xe_0000;
-/// Exclusive end of the ACPI area.
+/// Exclusive end of the area reserved in the e820 map for the ACPI tables
+/// and the reset stub.
 pub const ACPI_END: u64 = 0x10_0000;
+/// Where the real-mode reset vector F000:FFF0 points. Linux's "BIOS"
+/// restart jumps there, and on trellis' hardware-reduced ACPI platform
+/// without EFI that is its default reboot method (reboot_init() picks EFI,
+/// which falls back to BIOS). With no firmware the vCPU would run through
+/// zeroed memory forever; [`RESET_STUB`] turns the jump into a reset.
+pub const RESET_STUB_START: u64 = 0xf_fff0;
+/// 16-bit code at the reset vector: pulse the reset line through the i8042
+/// (`mov al, 0xfe; out 0x64, al`), then `cli; hlt` in a loop.
+pub const RESET_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
 
 /// First byte of "high" memory: kernels and initramfs go at or above it.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
@@ -96,4 +107,6 @@ const _: () = assert!(PDE_START + BOOT_PD_COUNT * 0x1000 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(EBDA_START <= ACPI_START);
 const _: () = assert!(ACPI_END <= HIGH_RAM_START);
+const _: () = assert!(ACPI_START < RESET_STUB_START);
+const _: () = assert!(RESET_STUB_START + RESET_STUB.len() as u64 <= ACPI_END);
 const _: () = assert!(vm_allocator::layout::LAPIC_START + 0x1000 <= KVM_IDENTITY_MAP_START);

@@ -14,7 +14,7 @@ use super::gdt::{
 };
 use super::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER, PDE_START, PDPTE_START,
-    PML4_START,
+    PML4_START, RESET_STUB, RESET_STUB_START,
 };
 
 /// How the boot vCPU enters the kernel.
@@ -46,6 +46,9 @@ pub enum BootTablesError {
     /// Writing the identity page tables to guest memory failed.
     #[error("failed to write the boot page tables to guest memory: {0}")]
     PageTables(#[source] GuestMemoryError),
+    /// Writing the reset stub to guest memory failed.
+    #[error("failed to write the reset stub to guest memory: {0}")]
+    ResetStub(#[source] GuestMemoryError),
 }
 
 const CR0_PE: u64 = 1 << 0;
@@ -68,9 +71,12 @@ fn code_flags(entry: &BootEntry) -> DescriptorFlags {
     }
 }
 
-/// Writes the GDT and IDT the entry needs and, for the 64-bit entry, page
-/// tables identity-mapping the first 4 GiB with 2 MiB pages.
+/// Writes the GDT and IDT the entry needs, the reset stub at the real-mode
+/// reset vector ([`RESET_STUB`]) and, for the 64-bit entry, page tables
+/// identity-mapping the first 4 GiB with 2 MiB pages.
 pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), BootTablesError> {
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_STUB_START))
+        .map_err(BootTablesError::ResetStub)?;
     let gdt: Vec<u8> = boot_gdt(code_flags(entry))
         .iter()
         .flat_map(|d| d.to_le_bytes())
