@@ -40,6 +40,45 @@ fn buses() -> (Arc<Bus>, Arc<Bus>) {
     (Arc::new(Bus::new()), Arc::new(Bus::new()))
 }
 
+/// Starts vCPU 0 of `m` on its own thread in real mode at `cs:ip` (CS base
+/// `cs << 4`).
+fn start_real_mode_vcpu(
+    m: &Machine,
+    io: Arc<Bus>,
+    mmio: Arc<Bus>,
+    cs: u16,
+    ip: u64,
+) -> (Arc<VcpuRunState>, std::thread::JoinHandle<()>) {
+    let vcpu = Vcpu::new(&m.vm, 0, io, mmio).unwrap();
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    sregs.cs.selector = cs;
+    sregs.cs.base = u64::from(cs) << 4;
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.fd().get_regs().unwrap();
+    regs.rip = ip;
+    vcpu.fd().set_regs(&regs).unwrap();
+    install_kick_handler().unwrap();
+    let state = Arc::new(VcpuRunState::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let thread = spawn_vcpu(vcpu, state.clone()).unwrap();
+    (state, thread)
+}
+
+/// Stops a vCPU thread that may be asleep in KVM on `hlt` with interrupts
+/// off: only kicks get it out.
+fn stop_vcpu_thread(state: &VcpuRunState, thread: std::thread::JoinHandle<()>) {
+    state.request_stop();
+    let start = Instant::now();
+    while !thread.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "vCPU did not stop"
+        );
+        thread.kill(kick_signal()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    thread.join().unwrap();
+}
+
 #[test]
 fn configure_leaves_the_boot_state_in_kvm() {
     let m = machine();
@@ -145,35 +184,12 @@ fn real_mode_guest_on_a_bare_vcpu_thread() {
     )
     .unwrap();
 
-    let vcpu = Vcpu::new(&m.vm, 0, io, mmio).unwrap();
-    let mut sregs = vcpu.fd().get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.fd().set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.fd().get_regs().unwrap();
-    regs.rip = 0x1000;
-    vcpu.fd().set_regs(&regs).unwrap();
-
-    install_kick_handler().unwrap();
-    let state = Arc::new(VcpuRunState::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    let thread = spawn_vcpu(vcpu, state.clone()).unwrap();
+    let (state, thread) = start_real_mode_vcpu(&m, io, mmio, 0, 0x1000);
     // Blocks until the guest writes the sleep register.
     assert_eq!(poweroff.read().unwrap(), 1);
     assert_eq!(serial.text(), "RM\n");
 
-    // The vCPU now sleeps in KVM on `hlt` with interrupts off: only a kick
-    // gets it out.
-    state.request_stop();
-    let start = Instant::now();
-    while !thread.is_finished() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "vCPU did not stop"
-        );
-        thread.kill(kick_signal()).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    thread.join().unwrap();
+    stop_vcpu_thread(&state, thread);
     // Asked to stop, so nothing is reported as a guest exit.
     assert!(state.take_exit().is_none());
     assert!(reset.read().is_err());
@@ -201,19 +217,8 @@ fn a_jump_to_the_reset_vector_requests_a_reset() {
         I8042_LEN,
     )
     .unwrap();
-    let vcpu = Vcpu::new(&m.vm, 0, io, mmio).unwrap();
     // Where Linux's machine_real_restart() lands: ljmp $0xf000, $0xfff0.
-    let mut sregs = vcpu.fd().get_sregs().unwrap();
-    sregs.cs.selector = 0xf000;
-    sregs.cs.base = 0xf_0000;
-    vcpu.fd().set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.fd().get_regs().unwrap();
-    regs.rip = 0xfff0;
-    vcpu.fd().set_regs(&regs).unwrap();
-
-    install_kick_handler().unwrap();
-    let state = Arc::new(VcpuRunState::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    let thread = spawn_vcpu(vcpu, state.clone()).unwrap();
+    let (state, thread) = start_real_mode_vcpu(&m, io, mmio, 0xf000, 0xfff0);
     let start = Instant::now();
     let pulsed = loop {
         match reset.read() {
@@ -222,16 +227,6 @@ fn a_jump_to_the_reset_vector_requests_a_reset() {
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    state.request_stop();
-    let start = Instant::now();
-    while !thread.is_finished() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "vCPU did not stop"
-        );
-        thread.kill(kick_signal()).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    thread.join().unwrap();
+    stop_vcpu_thread(&state, thread);
     assert_eq!(pulsed, Some(1), "no reset request within 5 s of the jump");
 }
