@@ -11,7 +11,7 @@
 //! so the rebuilt devices are checked too.
 
 use crate::hal::GuestHal;
-use crate::serial::{Dec, Hex, HexN};
+use crate::serial::{Dec, Hex, Mac};
 use crate::virtio::{self, IrqTransport};
 use crate::{acpi, arch, exit, println, Ctx};
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
@@ -188,15 +188,7 @@ fn print_mac(ctx: &mut Ctx) {
     match VirtIONetRaw::<GuestHal, IrqTransport, 16>::new(t) {
         Ok(dev) => {
             let mac = dev.mac_address();
-            println!(
-                "REBOOT net mac={}:{}:{}:{}:{}:{}",
-                HexN(mac[0].into(), 2),
-                HexN(mac[1].into(), 2),
-                HexN(mac[2].into(), 2),
-                HexN(mac[3].into(), 2),
-                HexN(mac[4].into(), 2),
-                HexN(mac[5].into(), 2)
-            );
+            println!("REBOOT net mac={}", Mac(mac));
             core::mem::forget(dev);
         }
         Err(e) => println!("REBOOT net unavailable: {e}"),

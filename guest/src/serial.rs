@@ -96,6 +96,21 @@ pub struct Hex(pub u64);
 /// The low `.1` hex digits of `.0`, zero-padded, no prefix.
 pub struct HexN(pub u64, pub u32);
 
+/// A MAC address as `xx:xx:xx:xx:xx:xx`.
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_char(':')?;
+            }
+            write_digits(f, u64::from(*b), 16, 2)?;
+        }
+        Ok(())
+    }
+}
+
 fn write_digits(f: &mut fmt::Formatter, mut n: u64, base: u64, min_digits: u32) -> fmt::Result {
     let mut buf = [0u8; 20];
     let mut i = buf.len();

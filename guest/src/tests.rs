@@ -3,7 +3,7 @@
 
 use crate::hal::GuestHal;
 use crate::interrupts;
-use crate::serial::{Dec, Hex, HexN};
+use crate::serial::{Dec, Hex, HexN, Mac};
 use crate::virtio::Bdf;
 use crate::virtio::{self, IrqTransport};
 use crate::{println, Ctx};
@@ -350,18 +350,7 @@ fn net(ctx: &mut Ctx) {
         Err(e) => return ctx.report.fail("net-init", e),
     };
     let mac = dev.mac_address();
-    ctx.report.ok(
-        "net-init",
-        format_args!(
-            "mac={}:{}:{}:{}:{}:{}",
-            HexN(mac[0].into(), 2),
-            HexN(mac[1].into(), 2),
-            HexN(mac[2].into(), 2),
-            HexN(mac[3].into(), 2),
-            HexN(mac[4].into(), 2),
-            HexN(mac[5].into(), 2)
-        ),
-    );
+    ctx.report.ok("net-init", format_args!("mac={}", Mac(mac)));
     let mut frame = [0u8; 60];
     frame[..6].copy_from_slice(&[0xff; 6]);
     frame[6..12].copy_from_slice(&mac);
