@@ -2,7 +2,6 @@
 //! 00:00.0, and the two ways a guest reaches configuration space:
 //! mechanism #1 through ports 0xCF8/0xCFC, and an ECAM window in MMIO.
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use devices::BusDevice;
 
 use crate::configuration::{PciClassCode, PciConfiguration, PciConfigurationParams, PciHeaderType};
-use crate::device::{BarReprogrammingParams, DeviceRelocation, PciDevice, PciError};
+use crate::device::{ConfigSpaceFunction, DeviceRelocation, PciDevice, PciError};
 
 /// Bytes of ECAM window per function.
 pub const ECAM_FUNCTION_SIZE: u64 = 4096;
@@ -112,26 +111,13 @@ impl Default for PciHostBridge {
     }
 }
 
-impl PciDevice for PciHostBridge {
-    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.config.read_reg(reg_idx)
+impl ConfigSpaceFunction for PciHostBridge {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
 
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Vec<BarReprogrammingParams> {
-        self.config.write_reg(reg_idx, offset, data)
-    }
-
-    fn restore_bar(&mut self, params: &BarReprogrammingParams) {
-        self.config.restore_bar(params);
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 

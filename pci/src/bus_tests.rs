@@ -1,5 +1,6 @@
 use super::*;
 use crate::configuration::{PciBarPrefetchable, PciBarRegionType, COMMAND_MEMORY_SPACE};
+use crate::device::BarReprogrammingParams;
 
 /// A function with a 64-bit memory BAR at BAR 0 and a 32-bit one at BAR 2.
 struct TestDevice {
@@ -37,26 +38,13 @@ impl TestDevice {
     }
 }
 
-impl PciDevice for TestDevice {
-    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.config.read_reg(reg_idx)
+impl ConfigSpaceFunction for TestDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Vec<BarReprogrammingParams> {
-        self.config.write_reg(reg_idx, offset, data)
-    }
-    fn restore_bar(&mut self, params: &BarReprogrammingParams) {
-        self.config.restore_bar(params);
-    }
-    fn config_space_size(&self) -> usize {
-        self.config.size()
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::any::Any;
 
-use crate::configuration::PciBarRegionType;
+use crate::configuration::{PciBarRegionType, PciConfiguration};
 
 /// Errors of the PCI crate.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,65 @@ pub trait PciDevice: Send {
 
     /// Downcasting support for the VMM.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A function whose configuration space is exactly its [`PciConfiguration`]
+/// (no emulated capability behind it): implementing this gives it
+/// [`PciDevice`], configuration accesses, BAR moves and their rollback
+/// all going to the configuration. Its BAR accesses go to
+/// [`on_bar_read`](Self::on_bar_read) and [`on_bar_write`](Self::on_bar_write)
+/// (named apart from [`PciDevice`]'s, so calls on the type stay unambiguous).
+pub trait ConfigSpaceFunction: Send + 'static {
+    /// The configuration space.
+    fn config(&self) -> &PciConfiguration;
+
+    /// The configuration space, to write.
+    fn config_mut(&mut self) -> &mut PciConfiguration;
+
+    /// Guest read of a BAR region ([`PciDevice::read_bar`]): all ones by
+    /// default.
+    fn on_bar_read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    /// Guest write to a BAR region ([`PciDevice::write_bar`]): ignored by
+    /// default.
+    fn on_bar_write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+impl<T: ConfigSpaceFunction> PciDevice for T {
+    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        self.config().read_reg(reg_idx)
+    }
+
+    fn write_config_register(
+        &mut self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Vec<BarReprogrammingParams> {
+        self.config_mut().write_reg(reg_idx, offset, data)
+    }
+
+    fn restore_bar(&mut self, params: &BarReprogrammingParams) {
+        self.config_mut().restore_bar(params);
+    }
+
+    fn config_space_size(&self) -> usize {
+        self.config().size()
+    }
+
+    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.on_bar_read(base, offset, data);
+    }
+
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
+        self.on_bar_write(base, offset, data);
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 /// The VMM side of a BAR move: moves bus ranges, ioeventfds and memory

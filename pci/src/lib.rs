@@ -23,7 +23,9 @@ pub use configuration::{
     PciHeaderType, BAR_COUNT, CAPABILITY_LIST_START, COMMAND_INTERRUPT_DISABLE, COMMAND_IO_SPACE,
     COMMAND_MEMORY_SPACE, EXTENDED_CONFIG_SPACE_SIZE, LEGACY_CONFIG_SPACE_SIZE, ROM_BAR_INDEX,
 };
-pub use device::{BarReprogrammingParams, DeviceRelocation, PciDevice, PciError};
+pub use device::{
+    BarReprogrammingParams, ConfigSpaceFunction, DeviceRelocation, PciDevice, PciError,
+};
 pub use interrupt::{InterruptError, IntxInterrupt, MsiInterruptGroup, MsiMessage, VectorUpdate};
 pub use msi::{MsiCapability, MsiConfig, MsiLayout};
 pub use msix::{

@@ -2,14 +2,14 @@
 //! and MMIO buses, BARs allocated from the VM's address windows, and a
 //! guest moving a BAR, with the bus range and the allocation following.
 
-use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use devices::{Bus, BusDevice, BusError};
 use pci::{
-    BarReprogrammingParams, DeviceRelocation, PciBarPrefetchable, PciBarRegionType, PciBdf,
-    PciClassCode, PciConfigIo, PciConfigMmio, PciConfiguration, PciConfigurationParams, PciDevice,
-    PciError, PciRoot, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE,
+    BarReprogrammingParams, ConfigSpaceFunction, DeviceRelocation, PciBarPrefetchable,
+    PciBarRegionType, PciBdf, PciClassCode, PciConfigIo, PciConfigMmio, PciConfiguration,
+    PciConfigurationParams, PciDevice, PciError, PciRoot, PCI_CONFIG_IO_PORT,
+    PCI_CONFIG_IO_PORT_SIZE,
 };
 use vm_allocator::{layout, AddressSpace, SystemAllocator, SystemAllocatorConfig};
 
@@ -21,27 +21,18 @@ struct RecordingFunction {
     accesses: Vec<(u64, u64, usize)>,
 }
 
-impl PciDevice for RecordingFunction {
-    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.config.read_reg(reg_idx)
+impl ConfigSpaceFunction for RecordingFunction {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Vec<BarReprogrammingParams> {
-        self.config.write_reg(reg_idx, offset, data)
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
-    fn restore_bar(&mut self, params: &BarReprogrammingParams) {
-        self.config.restore_bar(params);
-    }
-    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+
+    fn on_bar_read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
         self.accesses.push((base, offset, data.len()));
         data.fill(0x5a);
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 

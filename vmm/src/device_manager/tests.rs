@@ -1,4 +1,3 @@
-use std::any::Any;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, Once};
@@ -7,8 +6,8 @@ use std::time::{Duration, Instant};
 use devices::{Bus, BusDevice, BusError};
 use kvm_ioctls::IoEventAddress;
 use pci::{
-    BarReprogrammingParams, IntxInterrupt, PciBarPrefetchable, PciBarRegionType, PciBdf,
-    PciClassCode, PciConfiguration, PciConfigurationParams, PciDevice,
+    ConfigSpaceFunction, IntxInterrupt, PciBarPrefetchable, PciBarRegionType, PciBdf, PciClassCode,
+    PciConfiguration, PciConfigurationParams,
 };
 use virtio_devices::{ActivateError, GuestMemoryMmapAtomic, QueueActivation, VirtioDevice};
 use vm_allocator::{layout, AddressSpace, GuestRange, SystemAllocator, SystemAllocatorConfig};
@@ -93,23 +92,13 @@ impl FakeFunction {
     }
 }
 
-impl PciDevice for FakeFunction {
-    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.config.read_reg(reg_idx)
+impl ConfigSpaceFunction for FakeFunction {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Vec<BarReprogrammingParams> {
-        self.config.write_reg(reg_idx, offset, data)
-    }
-    fn restore_bar(&mut self, params: &BarReprogrammingParams) {
-        self.config.restore_bar(params);
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 
